@@ -1,0 +1,3 @@
+from latentdist.cli import main
+
+main()

@@ -1,0 +1,129 @@
+"""Generator families G_c as plain ``nn.Module`` s, nested in their capacity ``c``.
+
+Each family's forward is a composition of ``nn.Sequential`` and ``SumOfPaths`` over standard
+layers (Linear, Conv2d, ReLU, nearest Upsample, Flatten, Unflatten). That structure is what the
+proxies walk to bound Lipschitz constants, so keep to it when adding a family.
+
+Nesting: a ReLU network of width c can represent every network of width c' < c (zero the extra
+units), but a narrow ReLU network cannot represent a linear map. Every family therefore adds a
+linear skip path, so that G_linear ⊂ G_c ⊂ G_c' for c < c', and D_c is non-increasing in c.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from latentdist.errors import UsageError
+
+FAMILIES = ("linear", "mlp", "conv")
+
+
+class SumOfPaths(nn.Module):
+    """f(x) = sum_k path_k(x): parallel branches whose outputs add (e.g. a linear skip + a body)."""
+
+    def __init__(self, *paths: nn.Module):
+        super().__init__()
+        self.paths = nn.ModuleList(paths)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.paths[0](x)
+        for path in self.paths[1:]:
+            out = out + path(x)
+        return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return int(math.prod(shape))
+
+
+def linear_generator(latent_shape: tuple[int, ...], data_shape: tuple[int, ...]) -> nn.Sequential:
+    """g(z) = W vec(z) + b, reshaped to the data shape."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(_numel(latent_shape), _numel(data_shape)),
+        nn.Unflatten(1, data_shape),
+    )
+
+
+def mlp_generator(
+    latent_shape: tuple[int, ...], data_shape: tuple[int, ...], width: int, depth: int = 2
+) -> nn.Sequential:
+    """g(z) = W_s z + b + body(z), body a ReLU MLP with ``depth`` hidden layers of ``width`` units."""
+    if width < 1 or depth < 1:
+        raise UsageError(f"mlp generator needs width >= 1 and depth >= 1 (got {width}, {depth})")
+    d_in, d_out = _numel(latent_shape), _numel(data_shape)
+    layers: list[nn.Module] = [nn.Linear(d_in, width), nn.ReLU()]
+    for _ in range(depth - 1):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    layers.append(nn.Linear(width, d_out, bias=False))  # the skip path carries the output bias
+    return nn.Sequential(
+        nn.Flatten(),
+        SumOfPaths(nn.Linear(d_in, d_out), nn.Sequential(*layers)),
+        nn.Unflatten(1, data_shape),
+    )
+
+
+def upsampling_factor(latent_shape: tuple[int, ...], data_shape: tuple[int, ...]) -> int:
+    """Number of 2x upsamplings from a C×h×w latent to a C'×H×W image (H = h·2^k, W = w·2^k)."""
+    if len(latent_shape) != 3 or len(data_shape) != 3:
+        raise UsageError(
+            f"conv generator needs spatial latents C×H×W and image data C×H×W; got latent shape "
+            f"{list(latent_shape)} and data shape {list(data_shape)} (use --generator mlp for vectors)"
+        )
+    (_, h, w), (_, H, W) = latent_shape, data_shape
+    if H % h or W % w or H // h != W // w or (H // h) & (H // h - 1):
+        raise UsageError(
+            f"conv generator: data size {H}x{W} is not latent size {h}x{w} times a power of two"
+        )
+    return int(math.log2(H // h))
+
+
+def conv_generator(
+    latent_shape: tuple[int, ...], data_shape: tuple[int, ...], width: int, depth: int = 1
+) -> nn.Sequential:
+    """A conv decoder: 3x3 conv to ``width`` channels, k times (nearest 2x upsample, ``depth``
+    3x3 convs + ReLU), then a 3x3 conv to the image channels; plus the linear skip
+    upsample(1x1 conv(z))."""
+    if width < 1 or depth < 1:
+        raise UsageError(f"conv generator needs width >= 1 and depth >= 1 (got {width}, {depth})")
+    k = upsampling_factor(latent_shape, data_shape)
+    c_in, c_out = latent_shape[0], data_shape[0]
+    layers: list[nn.Module] = [nn.Conv2d(c_in, width, 3, padding=1), nn.ReLU()]
+    for _ in range(k):
+        layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
+        for _ in range(depth):
+            layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
+    if k == 0:
+        for _ in range(depth - 1):
+            layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
+    layers.append(nn.Conv2d(width, c_out, 3, padding=1, bias=False))
+    skip: list[nn.Module] = [nn.Conv2d(c_in, c_out, 1)]
+    if k:
+        skip.append(nn.Upsample(scale_factor=2**k, mode="nearest"))
+    return nn.Sequential(SumOfPaths(nn.Sequential(*skip), nn.Sequential(*layers)))
+
+
+def make_generator(
+    family: str,
+    latent_shape: tuple[int, ...],
+    data_shape: tuple[int, ...],
+    capacity: int | None = None,
+    depth: int = 2,
+) -> nn.Sequential:
+    """Build one generator of ``family`` (``linear``, ``mlp`` or ``conv``) at ``capacity``."""
+    if family == "linear":
+        return linear_generator(latent_shape, data_shape)
+    if capacity is None:
+        raise UsageError(f"--generator {family} needs a capacity")
+    if family == "mlp":
+        return mlp_generator(latent_shape, data_shape, capacity, depth)
+    if family == "conv":
+        return conv_generator(latent_shape, data_shape, capacity, depth)
+    raise UsageError(f"--generator {family}: expected one of {', '.join(FAMILIES)}")
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
