@@ -37,7 +37,9 @@ def load_array_file(path: Path, key: str | None = None, trust_pickle: bool = Fal
                 return np.load(path, mmap_mode="r", allow_pickle=False)
             except ValueError as e:
                 if "pickle" in str(e) and not trust_pickle:
-                    raise UsageError(f"{path}: holds pickled objects; pass --trust-pickle to load it") from None
+                    raise UsageError(
+                        f"{path}: holds pickled objects; pass --trust-pickle to load it"
+                    ) from None
                 return np.load(path, allow_pickle=trust_pickle)
         if suffix == ".npz":
             with np.load(path, allow_pickle=trust_pickle) as z:
@@ -49,7 +51,9 @@ def load_array_file(path: Path, key: str | None = None, trust_pickle: bool = Fal
                 obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
             except Exception as e:  # weights_only refuses arbitrary pickles
                 if not trust_pickle and "weights_only" in str(e):
-                    raise UsageError(f"{path}: not a plain tensor file; pass --trust-pickle to unpickle it") from None
+                    raise UsageError(
+                        f"{path}: not a plain tensor file; pass --trust-pickle to unpickle it"
+                    ) from None
                 raise
             if isinstance(obj, dict):
                 obj = _pick(obj, path, key)
@@ -73,8 +77,12 @@ def load_array_file(path: Path, key: str | None = None, trust_pickle: bool = Fal
     except UsageError:
         raise
     except Exception as e:
-        raise UsageError(f"{path}: cannot read as {suffix} array ({type(e).__name__}: {e})") from None
-    raise UsageError(f"{path}: unknown file type {suffix!r} (expected .npy, .npz, .pt, .safetensors, .csv or an image folder)")
+        raise UsageError(
+            f"{path}: cannot read as {suffix} array ({type(e).__name__}: {e})"
+        ) from None
+    raise UsageError(
+        f"{path}: unknown file type {suffix!r} (expected .npy, .npz, .pt, .safetensors, .csv or an image folder)"
+    )
 
 
 def load_image_folder(path: Path) -> DataSource:
@@ -110,6 +118,8 @@ def load_image_folder(path: Path) -> DataSource:
     else:
         stacked = np.stack([np.repeat(a[..., None], 3, -1) if a.ndim == 2 else a for a in images])
         stacked = stacked.transpose(0, 3, 1, 2)
-    src = DataSource(str(path), np.ascontiguousarray(stacked), kind="images", scale=(127.5, 1 / 127.5))
+    src = DataSource(
+        str(path), np.ascontiguousarray(stacked), kind="images", scale=(127.5, 1 / 127.5)
+    )
     src.files = files
     return src

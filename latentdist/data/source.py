@@ -52,7 +52,7 @@ class DataSource:
     def take(self, index: np.ndarray | slice | None = None) -> torch.Tensor:
         """Rows ``index`` (all when None) as a float32 tensor, scaled if the source says so."""
         rows = self.array if index is None else self.array[index]
-        out = torch.as_tensor(np.ascontiguousarray(rows), dtype=torch.float32)
+        out = torch.from_numpy(np.array(rows, dtype=np.float32))  # a copy: memmaps are read-only
         if self.scale is not None:
             offset, factor = self.scale
             out = (out - offset) * factor

@@ -1,12 +1,13 @@
 """Many generators fitted as one vectorised model.
 
-Members (one per capacity × seed) are built at their own capacity with ``make_generator`` and
-zero-padded into a common maximal-width module, with a mask marking each member's own entries.
-Gradients are multiplied by the mask, so padded units stay exactly zero and each member keeps
-its function class (a width-c network padded to width C computes the same function and receives
-the same updates). The stacked parameters run through ``torch.func.functional_call`` under
-``torch.func.vmap``: one forward and backward for the whole sweep. Adam is elementwise, so one
-Adam over the stack equals an independent Adam per member.
+Members (one per capacity × seed) are built at their own capacity with ``make_generator``.
+Members of similar capacity form a bucket: each is zero-padded to the bucket's widest member,
+with a mask marking its own entries. Gradients are multiplied by the mask, so padded units stay
+exactly zero and each member keeps its function class (a width-c network padded to width C
+computes the same function and receives the same updates). A bucket's stacked parameters run
+through ``torch.func.functional_call`` under ``torch.func.vmap``: one batched forward and backward
+per bucket, where padding would waste little. Adam is elementwise, so one Adam over all stacks
+equals an independent Adam per member.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from latentdist.generators.modules import count_params, make_generator
 
+# Members of capacities within this factor share a padded bucket. On CPU one bucket for the
+# whole sweep is fastest (fewest kernel launches: benchmarks/bench_sweep.py); on a GPU with very
+# wide generators a smaller ratio (e.g. 2) avoids computing padding.
+BUCKET_RATIO = float("inf")
+
 
 @dataclass(frozen=True)
 class Member:
@@ -32,8 +38,78 @@ def _prefix(shape: Sequence[int]) -> tuple[slice, ...]:
     return tuple(slice(0, n) for n in shape)
 
 
+def _member_seed(seed: int, capacity: int | None) -> int:
+    """Initialisation seed of a member: distinct per (seed, capacity), stable across runs."""
+    return (seed * 1_000_003 + (capacity or 0) * 7919) % (2**31)
+
+
+def buckets(capacities: Sequence[int | None], ratio: float = BUCKET_RATIO) -> list[list[int]]:
+    """Group member indices (in order) into runs whose capacities stay within ``ratio`` of the first."""
+    groups: list[list[int]] = []
+    for i, c in enumerate(capacities):
+        first = capacities[groups[-1][0]] if groups else None
+        same = groups and (
+            c == first or (c is not None and first is not None and c <= ratio * first)
+        )
+        if same:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+class _Bucket(nn.Module):
+    def __init__(self, family, latent_shape, data_shape, capacities, seeds, depth):
+        super().__init__()
+        widest = None if family == "linear" else max(capacities)
+        # a tuple keeps the meta-device template out of the module tree (it holds no data)
+        self.template = (
+            make_generator(family, latent_shape, data_shape, widest, depth).to("meta"),
+        )
+        padded, masks, self.params_count = [], [], []
+        for capacity, seed in zip(capacities, seeds, strict=True):
+            torch.manual_seed(_member_seed(seed, capacity))
+            small = make_generator(family, latent_shape, data_shape, capacity, depth)
+            big = make_generator(family, latent_shape, data_shape, widest, depth)
+            mask = {}
+            with torch.no_grad():
+                for (name, p_big), p_small in zip(
+                    big.named_parameters(), small.parameters(), strict=True
+                ):
+                    p_big.zero_()
+                    p_big[_prefix(p_small.shape)] = p_small
+                    mask[name] = torch.zeros_like(p_big)
+                    mask[name][_prefix(p_small.shape)] = 1
+            padded.append(big)
+            masks.append(mask)
+            self.params_count.append(count_params(small))
+        stacked, _ = stack_module_state(padded)
+        self.names = list(stacked)
+        self.weights = nn.ParameterList(
+            [nn.Parameter(stacked[n].detach().clone()) for n in self.names]
+        )
+        self.padded = any(not bool(torch.stack([m[n] for m in masks]).all()) for n in self.names)
+        for i, n in enumerate(self.names):
+            self.register_buffer(f"mask_{i}", torch.stack([m[n] for m in masks]), persistent=False)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        params = dict(zip(self.names, self.weights, strict=True))
+        return vmap(lambda p, zb: functional_call(self.template[0], p, (zb,)))(params, z)
+
+    def mask_gradients(self) -> None:
+        if not self.padded:
+            return
+        for i, w in enumerate(self.weights):
+            if w.grad is not None:
+                w.grad.mul_(getattr(self, f"mask_{i}"))
+
+
 class GeneratorEnsemble(nn.Module):
-    """``len(members)`` generators of one family, stacked; ``forward(z)`` maps (M, B, *latent) -> (M, B, *data)."""
+    """``len(members)`` generators of one family; ``forward(z)`` maps (M, B, *latent) -> (M, B, *data).
+
+    ``capacities[m]``/``seeds[m]`` describe member m. ``bucket_ratio=None`` gives every member a
+    bucket of its own (no vectorisation: the sequential reference of the benchmark).
+    """
 
     def __init__(
         self,
@@ -43,65 +119,54 @@ class GeneratorEnsemble(nn.Module):
         capacities: Sequence[int | None],
         seeds: Sequence[int],
         depth: int = 2,
+        bucket_ratio: float | None = BUCKET_RATIO,
     ):
         super().__init__()
-        if len(capacities) != len(seeds):
-            raise ValueError("one capacity per seed")
         self.family, self.depth = family, depth
         self.latent_shape, self.data_shape = tuple(latent_shape), tuple(data_shape)
-        widest = None if family == "linear" else max(c for c in capacities if c is not None)
-        self._template = make_generator(family, self.latent_shape, self.data_shape, widest, depth)
-        padded, masks, members = [], [], []
-        for capacity, seed in zip(capacities, seeds, strict=True):
-            torch.manual_seed(_member_seed(seed, capacity))
-            small = make_generator(family, self.latent_shape, self.data_shape, capacity, depth)
-            big = make_generator(family, self.latent_shape, self.data_shape, widest, depth)
-            mask = {}
-            with torch.no_grad():
-                for (name, p_big), p_small in zip(
-                    big.named_parameters(), small.parameters(), strict=True
-                ):
-                    p_big.zero_()
-                    p_big[_prefix(p_small.shape)] = p_small
-                    m = torch.zeros_like(p_big)
-                    m[_prefix(p_small.shape)] = 1
-                    mask[name] = m
-            padded.append(big)
-            masks.append(mask)
-            members.append(Member(capacity, seed, count_params(small)))
-        self.members = members
-        stacked, _ = stack_module_state(padded)
-        self.names = list(stacked)
-        self.weights = nn.ParameterList([nn.Parameter(stacked[n].detach().clone()) for n in self.names])
-        for i, n in enumerate(self.names):
-            self.register_buffer(f"mask_{i}", torch.stack([m[n] for m in masks]))
-        self._template.to("meta")
-
-    def params(self) -> dict[str, torch.Tensor]:
-        return dict(zip(self.names, self.weights, strict=True))
+        self.groups = (
+            buckets(capacities, bucket_ratio)
+            if bucket_ratio
+            else [[i] for i in range(len(capacities))]
+        )
+        if [i for g in self.groups for i in g] != list(range(len(capacities))):
+            raise ValueError("members must be ordered by capacity")
+        self.buckets = nn.ModuleList(
+            _Bucket(
+                family,
+                self.latent_shape,
+                self.data_shape,
+                [capacities[i] for i in g],
+                [seeds[i] for i in g],
+                depth,
+            )
+            for g in self.groups
+        )
+        self.members = [
+            Member(capacities[i], seeds[i], b.params_count[k])
+            for g, b in zip(self.groups, self.buckets, strict=True)
+            for k, i in enumerate(g)
+        ]
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        def one(params: dict[str, torch.Tensor], zb: torch.Tensor) -> torch.Tensor:
-            return functional_call(self._template, params, (zb,))
-
-        return vmap(one)(self.params(), z)
+        return torch.cat(
+            [b(z[g[0] : g[-1] + 1]) for g, b in zip(self.groups, self.buckets, strict=True)]
+        )
 
     def mask_gradients(self) -> None:
         """Zero the gradient of padded entries so every member stays in its own class."""
-        for i, w in enumerate(self.weights):
-            if w.grad is not None:
-                w.grad.mul_(getattr(self, f"mask_{i}"))
+        for b in self.buckets:
+            b.mask_gradients()
 
     def export(self, index: int) -> nn.Module:
         """Member ``index`` as a plain, unpadded generator module (CPU, eval mode)."""
         member = self.members[index]
-        small = make_generator(self.family, self.latent_shape, self.data_shape, member.capacity, self.depth)
+        g = next(k for k, grp in enumerate(self.groups) if index in grp)
+        pos = self.groups[g].index(index)
+        small = make_generator(
+            self.family, self.latent_shape, self.data_shape, member.capacity, self.depth
+        )
         with torch.no_grad():
-            for w, p_small in zip(self.weights, small.parameters(), strict=True):
-                p_small.copy_(w[index][_prefix(p_small.shape)].detach().cpu())
+            for w, p_small in zip(self.buckets[g].weights, small.parameters(), strict=True):
+                p_small.copy_(w[pos][_prefix(p_small.shape)].detach().cpu())
         return small.eval()
-
-
-def _member_seed(seed: int, capacity: int | None) -> int:
-    """Initialisation seed of a member: distinct per (seed, capacity), stable across runs."""
-    return (seed * 1_000_003 + (capacity or 0) * 7919) % (2**31)

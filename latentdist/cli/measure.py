@@ -1,0 +1,235 @@
+"""``latentdist measure``: a thin shell over ``latentdist.measure``."""
+
+from __future__ import annotations
+
+import click
+
+from latentdist.errors import UsageError
+from latentdist.estimator.fit import FITS
+from latentdist.estimator.measure import DEFAULT_CAPACITIES, METRICS, MeasureConfig
+from latentdist.generators.modules import FAMILIES
+
+
+def parse_capacities(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        caps = tuple(int(c) for c in text.replace(" ", "").split(",") if c)
+    except ValueError:
+        raise UsageError(
+            f"--capacities {text}: expected comma-separated integers, e.g. 4,8,16"
+        ) from None
+    if not caps or min(caps) < 1:
+        raise UsageError(f"--capacities {text}: expected positive integers, e.g. 4,8,16")
+    return caps
+
+
+def measurement_options(f):
+    """The measurement flags, shared by ``measure`` and ``compare``."""
+    options = [
+        click.option(
+            "--generator",
+            type=click.Choice(FAMILIES),
+            default="mlp",
+            show_default=True,
+            help="Generator family G_c: linear (one-entry curve), mlp (capacity = hidden width), "
+            "conv (capacity = channel width; C×H×W latents to images).",
+        ),
+        click.option(
+            "--capacities",
+            metavar="C1,C2,...",
+            help="Capacities to sweep. Default: mlp "
+            + ",".join(map(str, DEFAULT_CAPACITIES["mlp"]))
+            + "; conv "
+            + ",".join(map(str, DEFAULT_CAPACITIES["conv"]))
+            + ".",
+        ),
+        click.option(
+            "--depth",
+            type=int,
+            default=2,
+            show_default=True,
+            help="Hidden layers (mlp) or convs per upsampling stage (conv).",
+        ),
+        click.option(
+            "--metric",
+            type=click.Choice(METRICS),
+            default="w2",
+            show_default=True,
+            help="Held-out discrepancy d_F (see docs/metrics.md).",
+        ),
+        click.option(
+            "--fit",
+            type=click.Choice(FITS),
+            default="ot",
+            show_default=True,
+            help="ot / adversarial estimate D_c (unpaired); paired regresses x on E(x) "
+            "and estimates the reconstruction upper bound.",
+        ),
+        click.option(
+            "--seeds",
+            type=int,
+            default=3,
+            show_default=True,
+            help="Independent repetitions (split, initialisation, batches) for the 95% CI.",
+        ),
+        click.option(
+            "--n-eval",
+            type=int,
+            default=None,
+            help="Held-out points per evaluation. Default: min(1000, rows/4); needs > 2×n_eval rows.",
+        ),
+        click.option(
+            "--steps",
+            type=int,
+            default=400,
+            show_default=True,
+            help="Optimiser steps per generator.",
+        ),
+        click.option("--batch-size", type=int, default=256, show_default=True),
+        click.option(
+            "--lr",
+            type=float,
+            default=None,
+            help="Adam learning rate. Default: 0.02 for linear, 0.002 otherwise.",
+        ),
+        click.option(
+            "--epsilon",
+            type=float,
+            default=None,
+            help="Tolerance for the critical capacity. Default: the floor's upper 95% limit.",
+        ),
+        click.option(
+            "--no-proxies",
+            is_flag=True,
+            help="Skip the costly proxies (Lipschitz bounds, Jacobian norms, intrinsic dimension).",
+        ),
+        click.option(
+            "--device",
+            type=click.Choice(["auto", "cpu", "cuda"]),
+            default="auto",
+            show_default=True,
+        ),
+        click.option("--seed", type=int, default=0, show_default=True, help="First seed."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def config_from_options(o: dict) -> MeasureConfig:
+    return MeasureConfig(
+        generator=o["generator"],
+        capacities=parse_capacities(o["capacities"]),
+        depth=o["depth"],
+        metric=o["metric"],
+        fit=o["fit"],
+        seeds=o["seeds"],
+        n_eval=o["n_eval"],
+        steps=o["steps"],
+        batch_size=o["batch_size"],
+        lr=o["lr"],
+        device=o["device"],
+        epsilon=o["epsilon"],
+        proxies=not o["no_proxies"],
+        seed=o["seed"],
+    ).validate()
+
+
+@click.command("measure")
+@click.option(
+    "--encoder",
+    type=click.Path(),
+    help="Encoder: TorchScript, torch.export (.pt2), state dict "
+    "(+ --arch), or a diffusers AutoencoderKL/VQModel folder.",
+)
+@click.option(
+    "--latents",
+    type=click.Path(),
+    help="Precomputed latents (.npy/.npz/.pt/.safetensors/.csv), rows matching --data.",
+)
+@click.option(
+    "--data",
+    required=True,
+    metavar="PATH_OR_NAME",
+    help="Data: an array file, a folder of images, or a built-in name (digits, mnist5k).",
+)
+@click.option("--arch", metavar="MODULE:FACTORY", help="Architecture for a state-dict encoder.")
+@click.option("--arch-kwargs", metavar="JSON", help="Keyword arguments for --arch, as JSON.")
+@click.option(
+    "--sample",
+    is_flag=True,
+    help="diffusers AutoencoderKL: draw from the posterior (default: its mean).",
+)
+@click.option(
+    "--codebook",
+    type=click.Path(),
+    help="Codebook (K×C array) of vector-quantised latents, for usage stats.",
+)
+@click.option(
+    "--trust-pickle", is_flag=True, help="Allow unpickling files (only for files you trust)."
+)
+@measurement_options
+@click.option("--encode-batch-size", type=int, default=256, show_default=True)
+@click.option("--out", type=click.Path(), help="Write measure.json, curve.csv and curve.png here.")
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
+)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def measure(**o) -> None:
+    """Estimate the latent-data distance D_c(P_z; P_x) over a capacity sweep.
+
+    Fits generators g in G_c from the latents to the data for every capacity and seed (all at once),
+    evaluates the discrepancy on held-out rows beside the finite-sample floor, and reports
+    intervals, the critical capacity, generator-complexity proxies and the latent's geometry.
+    """
+    from latentdist import measure as run_measure
+    from latentdist.data import load_data
+
+    if bool(o["encoder"]) == bool(o["latents"]):
+        raise UsageError("give exactly one of --encoder PATH or --latents PATH")
+    cfg = config_from_options(o)
+    data = load_data(o["data"], trust_pickle=o["trust_pickle"])
+    latents, codebook = load_latents(o, data, cfg.device)
+    result = run_measure(latents, data, cfg, codebook=codebook, progress=not o["quiet"])
+    if o["out"]:
+        result.save(o["out"])
+    click.echo(result.to_json() if o["fmt"] == "json" else result.table())
+    if o["out"] and o["fmt"] == "table":
+        click.echo(f"wrote {o['out']}/measure.json, curve.csv, curve.png")
+
+
+def load_latents(o: dict, data, device: str):
+    """Latents from ``--latents`` or by encoding the data with ``--encoder``; and a codebook if any."""
+    from latentdist.data import load_data
+    from latentdist.data.encoders import load_encoder
+    from latentdist.device import resolve_device
+
+    codebook = None
+    if o.get("codebook"):
+        codebook = load_data(o["codebook"], trust_pickle=o["trust_pickle"]).take()
+    if o.get("latents"):
+        latents = load_data(o["latents"], trust_pickle=o["trust_pickle"])
+        if len(latents) != len(data):
+            raise UsageError(
+                f"--latents {o['latents']}: {len(latents)} rows, but --data has {len(data)}; "
+                "rows must correspond"
+            )
+        return latents, codebook
+    dev = resolve_device(device)
+    enc = load_encoder(
+        o["encoder"],
+        arch=o.get("arch"),
+        arch_kwargs=o.get("arch_kwargs"),
+        trust_pickle=o["trust_pickle"],
+        sample=o.get("sample", False),
+        device=dev,
+    )
+    latents = enc.encode(
+        data,
+        batch_size=o.get("encode_batch_size", 256),
+        device=dev,
+        progress=not o.get("quiet"),
+        seed=o.get("seed", 0),
+    )
+    return latents, codebook if codebook is not None else enc.codebook

@@ -1,0 +1,371 @@
+"""``measure``: the GAN-induced latent–data distance over a capacity sweep (SPEC §1).
+
+    D_c(P_z ; P_x) = inf_{g in G_c} d_F(g#P_z, P_x)
+
+For every capacity c and seed, a generator g in G_c is fitted on training rows (all members at
+once, see ``fit``), then d_F(g#P_z, P_x) is estimated on held-out rows: g applied to n_eval
+held-out latents against n_eval held-out data points. Beside it stands the floor, the same
+discrepancy between two disjoint data samples of size n_eval: what even the true generator would
+score at this sample size (Hu et al., 2023, arXiv 2307.08283, for the distance; see
+docs/concepts.md).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import torch
+
+from latentdist.device import resolve_device
+from latentdist.errors import UsageError
+from latentdist.estimator.fit import FITS, FitSettings, fit_ensemble
+from latentdist.estimator.split import default_n_eval, make_split
+from latentdist.estimator.stats import mean_ci
+from latentdist.generators.ensemble import GeneratorEnsemble
+from latentdist.generators.modules import FAMILIES, upsampling_factor
+
+METRICS = ("w1", "w2", "sinkhorn", "mmd", "sliced")
+DEFAULT_CAPACITIES = {"mlp": (4, 8, 16, 32, 64, 128), "conv": (4, 8, 16, 32), "linear": ()}
+DEFAULT_LR = {"linear": 2e-2, "mlp": 2e-3, "conv": 2e-3}
+
+
+@dataclass
+class MeasureConfig:
+    """Every setting of a measurement; validated once by ``validate`` (UsageError on nonsense)."""
+
+    generator: str = "mlp"
+    capacities: tuple[int, ...] | None = None  # None: the family's default sweep
+    depth: int = 2
+    metric: str = "w2"
+    fit: str = "ot"
+    seeds: int = 3
+    n_eval: int | None = None  # None: default_n_eval(rows)
+    steps: int = 400
+    batch_size: int = 256
+    lr: float | None = None  # None: DEFAULT_LR[generator]
+    device: str = "auto"
+    epsilon: float | None = None  # None: the floor's upper confidence limit
+    proxies: bool = True
+    seed: int = 0
+    max_train_rows: int = 100_000
+
+    def validate(self) -> MeasureConfig:
+        def bad(flag: str, value: Any, expected: str) -> UsageError:
+            return UsageError(f"--{flag} {value}: expected {expected}")
+
+        if self.generator not in FAMILIES:
+            raise bad("generator", self.generator, "one of " + ", ".join(FAMILIES))
+        if self.metric not in METRICS:
+            raise bad("metric", self.metric, "one of " + ", ".join(METRICS))
+        if self.fit not in FITS:
+            raise bad("fit", self.fit, "one of " + ", ".join(FITS))
+        if self.generator == "linear":
+            self.capacities = ()
+        elif self.capacities is None:
+            self.capacities = DEFAULT_CAPACITIES[self.generator]
+        else:
+            caps = tuple(int(c) for c in self.capacities)
+            if not caps or any(c < 1 for c in caps):
+                raise bad("capacities", ",".join(map(str, caps)), "positive integers, e.g. 4,8,16")
+            self.capacities = tuple(sorted(set(caps)))
+        for flag, value, low in (
+            ("depth", self.depth, 1),
+            ("seeds", self.seeds, 1),
+            ("steps", self.steps, 1),
+            ("batch-size", self.batch_size, 2),
+        ):
+            if int(value) < low:
+                raise bad(flag, value, f"an integer >= {low}")
+        if self.n_eval is not None and self.n_eval < 2:
+            raise bad("n-eval", self.n_eval, "an integer >= 2")
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.generator]
+        if not (np.isfinite(self.lr) and self.lr > 0):
+            raise bad("lr", self.lr, "a positive number")
+        if self.epsilon is not None and not (np.isfinite(self.epsilon) and self.epsilon >= 0):
+            raise bad("epsilon", self.epsilon, "a non-negative number")
+        resolve_device(self.device)
+        return self
+
+
+@dataclass
+class MeasureResult:
+    """The outcome of ``measure``: the SPEC §4 report as ``.report``, with views for notebooks."""
+
+    report: dict[str, Any]
+    generators: dict[int | None, list[torch.nn.Module]] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.report
+
+    def to_json(self, indent: int | None = 2) -> str:
+        from latentdist._io import to_json
+
+        return to_json(self.report, indent)
+
+    def to_frame(self):
+        """The curve as a pandas DataFrame, one row per capacity."""
+        from latentdist.report.measure import curve_frame
+
+        return curve_frame(self.report)
+
+    def table(self) -> str:
+        from latentdist.report.measure import format_table
+
+        return format_table(self.report)
+
+    def plot(self, path: str | None = None):
+        """The distance curve (and proxies, when present) as a matplotlib figure; saved if ``path``."""
+        from latentdist.report.measure import plot_measure
+
+        return plot_measure(self.report, path)
+
+    def save(self, out_dir: str) -> None:
+        """Write ``measure.json``, ``curve.csv`` and ``curve.png`` into ``out_dir`` (atomically)."""
+        from latentdist.report.measure import save_measure
+
+        save_measure(self.report, out_dir)
+
+
+def _as_tensor(x: Any, what: str) -> torch.Tensor:
+    if hasattr(x, "take") and hasattr(x, "sample_shape"):  # DataSource
+        return x.take()
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float()
+    if t.dim() < 1 or len(t) == 0:
+        raise UsageError(f"{what}: no samples")
+    if not torch.isfinite(t).all():
+        raise UsageError(f"{what}: contains NaN or Inf values")
+    return t.reshape(len(t), -1) if t.dim() == 1 else t
+
+
+def _subsample(rows: torch.Tensor, cap: int, seed: int) -> torch.Tensor:
+    if len(rows) <= cap:
+        return rows
+    g = torch.Generator().manual_seed(seed)
+    return rows[torch.randperm(len(rows), generator=g)[:cap]]
+
+
+def measure(
+    latents: Any,
+    data: Any,
+    config: MeasureConfig | None = None,
+    *,
+    codebook: torch.Tensor | None = None,
+    progress: bool = True,
+    **settings: Any,
+) -> MeasureResult:
+    """Estimate the latent–data distance curve ``c -> D_c`` with floor, intervals and proxies.
+
+    ``latents``: (N, *latent_shape) tensor, array or DataSource (an encoder's output);
+    ``data``: (N', *data_shape) likewise. Settings are ``MeasureConfig`` fields, as a config or
+    keywords (e.g. ``generator="mlp", capacities=(8, 16), metric="w2", fit="ot"``).
+    ``codebook``: (K, C) for vector-quantised latents, to report codebook usage.
+    """
+    from latentdist.discrepancy import discrepancy
+
+    t_start = time.perf_counter()
+    cfg = config or MeasureConfig()
+    if settings:
+        cfg = MeasureConfig(**{**asdict(cfg), **settings})
+    cfg.validate()
+    is_integer = bool(getattr(latents, "is_integer", False))
+    z_all, x_all = _as_tensor(latents, "latents"), _as_tensor(data, "data")
+    latent_shape, data_shape = tuple(z_all.shape[1:]), tuple(x_all.shape[1:])
+    if cfg.fit == "paired" and len(z_all) != len(x_all):
+        raise UsageError(
+            f"--fit paired needs one latent per data row: {len(z_all)} latents vs {len(x_all)} data rows"
+        )
+    if cfg.generator == "conv":
+        upsampling_factor(latent_shape, data_shape)  # raises a UsageError on impossible shapes
+    n_rows = min(len(z_all), len(x_all))
+    n_eval = cfg.n_eval or default_n_eval(n_rows)
+    device = resolve_device(cfg.device)
+    seeds = [cfg.seed + s for s in range(cfg.seeds)]
+    splits = [make_split(len(z_all), len(x_all), n_eval, s, cfg.fit == "paired") for s in seeds]
+    for s, sp in zip(seeds, splits, strict=True):
+        sp.train_x = _subsample(sp.train_x, cfg.max_train_rows, s)
+        sp.train_z = (
+            sp.train_x if cfg.fit == "paired" else _subsample(sp.train_z, cfg.max_train_rows, s)
+        )
+
+    # --- fit every (capacity, seed) at once
+    caps: list[int | None] = list(cfg.capacities) or [None]
+    member_caps = [c for c in caps for _ in seeds]
+    member_slot = [i for _ in caps for i in range(len(seeds))]
+    ensemble = GeneratorEnsemble(
+        cfg.generator,
+        latent_shape,
+        data_shape,
+        member_caps,
+        [seeds[i] for i in member_slot],
+        cfg.depth,
+    ).to(device)
+    fit_settings = FitSettings(
+        fit=cfg.fit,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        cost="euclidean" if cfg.metric == "w1" else "sqeuclidean",
+    )
+    t0 = time.perf_counter()
+    fit_info = fit_ensemble(
+        ensemble,
+        z_all.to(device),
+        x_all.to(device),
+        [sp.train_z.to(device) for sp in splits],
+        [sp.train_x.to(device) for sp in splits],
+        member_slot,
+        fit_settings,
+        seed=cfg.seed,
+        progress=progress,
+    )
+    t_fit = time.perf_counter() - t0
+
+    # --- held-out evaluation and the floor
+    t0 = time.perf_counter()
+    floors = [discrepancy(cfg.metric, x_all[sp.floor_x], x_all[sp.eval_x]) for sp in splits]
+    distances: dict[int | None, list[float]] = {c: [] for c in caps}
+    generators: dict[int | None, list[torch.nn.Module]] = {c: [] for c in caps}
+    for m, (cap, slot) in enumerate(zip(member_caps, member_slot, strict=True)):
+        g = ensemble.export(m)
+        with torch.no_grad():
+            fake = torch.cat([g(zb) for zb in z_all[splits[slot].eval_z].split(4096)])
+        distances[cap].append(discrepancy(cfg.metric, fake, x_all[splits[slot].eval_x]))
+        generators[cap].append(g)
+    t_eval = time.perf_counter() - t0
+
+    floor = mean_ci(floors)
+    epsilon = cfg.epsilon
+    if epsilon is None:
+        epsilon = floor["ci"][1] if floor["ci"] else floor["mean"]
+
+    # --- proxies on the fitted generators, geometry of the latent
+    t0 = time.perf_counter()
+    curve = []
+    for cap in caps:
+        entry: dict[str, Any] = {
+            "capacity": cap,
+            "params": ensemble.members[member_caps.index(cap)].params,
+            "distance": mean_ci(distances[cap]),
+        }
+        if cfg.proxies:
+            entry["proxies"] = _proxies(generators[cap], z_all, splits, latent_shape)
+        else:
+            entry["proxies"] = {"params": entry["params"]}
+        curve.append(entry)
+    t_proxies = time.perf_counter() - t0
+    warnings = _monotonicity_warnings(curve)
+    critical = next((e["capacity"] for e in curve if e["distance"]["mean"] <= epsilon), None)
+    if cfg.generator == "linear" and critical is None and curve[0]["distance"]["mean"] <= epsilon:
+        critical = 0
+    t0 = time.perf_counter()
+    latent_info = _geometry(z_all, codebook, is_integer, cfg.seed, cfg.proxies)
+    t_geometry = time.perf_counter() - t0
+
+    report = {
+        "metric": cfg.metric,
+        "fit": cfg.fit,
+        "fit_meaning": {
+            "ot": "distributional: unpaired minibatch optimal transport (estimates D_c)",
+            "adversarial": "distributional: WGAN-GP critic game (estimates D_c)",
+            "paired": "paired regression of x on its latent (estimates the reconstruction upper bound, not D_c)",
+        }[cfg.fit],
+        "generator": cfg.generator,
+        "depth": cfg.depth if cfg.generator != "linear" else None,
+        "n_eval": n_eval,
+        "seeds": seeds,
+        "floor": floor,
+        "curve": curve,
+        "critical_capacity": {
+            "epsilon": float(epsilon),
+            "capacity": critical,
+            "epsilon_source": "--epsilon" if cfg.epsilon is not None else "floor upper CI",
+        },
+        "monotone": not warnings,
+        "warnings": warnings,
+        "latent": latent_info,
+        "data": {"shape": list(data_shape), "rows": len(x_all)},
+        "fit_diagnostics": {
+            "final_loss": fit_info["final_loss"],
+            "train_rows": len(splits[0].train_x),
+        },
+        "config": {**asdict(cfg), "capacities": list(cfg.capacities), "n_eval": n_eval},
+        "device": str(device),
+        "versions": _versions(),
+        "timings": {
+            "fit_s": t_fit,
+            "eval_s": t_eval,
+            "proxies_s": t_proxies,
+            "geometry_s": t_geometry,
+            "total_s": time.perf_counter() - t_start,
+        },
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return MeasureResult(report, generators)
+
+
+def _proxies(gens: list[torch.nn.Module], z_all: torch.Tensor, splits, latent_shape) -> dict:
+    """Proxies of each seed's generator at one capacity: mean over seeds, with the range."""
+    from latentdist.proxies import generator_proxies
+
+    per_seed = [
+        generator_proxies(g, z_all[sp.eval_z], latent_shape)
+        for g, sp in zip(gens, splits, strict=True)
+    ]
+    keys = [k for k, v in per_seed[0].items() if isinstance(v, (int, float))]
+    out: dict[str, Any] = {k: float(np.mean([p[k] for p in per_seed])) for k in keys}
+    out["params"] = int(per_seed[0]["params"])
+    out["over"] = f"mean over {len(per_seed)} seed(s)"
+    out["range"] = {
+        k: [float(min(p[k] for p in per_seed)), float(max(p[k] for p in per_seed))]
+        for k in keys
+        if k not in ("params", "n_points")
+    }
+    return out
+
+
+def _geometry(z: torch.Tensor, codebook, is_integer: bool, seed: int, full: bool) -> dict:
+    from latentdist.proxies import latent_geometry
+
+    info = latent_geometry(z, codebook=codebook, is_integer=is_integer, seed=seed)
+    info.setdefault("shape", list(z.shape[1:]))
+    return info
+
+
+def _monotonicity_warnings(curve: list[dict]) -> list[str]:
+    """Flag capacities whose distance rises above a smaller capacity's beyond both intervals."""
+    out = []
+    for a, b in zip(curve, curve[1:], strict=False):
+        lo_b = (b["distance"]["ci"] or [b["distance"]["mean"]] * 2)[0]
+        hi_a = (a["distance"]["ci"] or [a["distance"]["mean"]] * 2)[1]
+        if lo_b > hi_a:
+            out.append(
+                f"distance rises from capacity {a['capacity']} ({a['distance']['mean']:.4g}) to "
+                f"{b['capacity']} ({b['distance']['mean']:.4g}) beyond its confidence interval: "
+                "the larger generators are under-fitted (try more --steps or another --lr)"
+            )
+    return out
+
+
+def _versions() -> dict[str, str]:
+    import ot
+    import scipy
+    import sklearn
+
+    from latentdist import __version__
+
+    return {
+        "latentdist": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "pot": ot.__version__,
+        "scikit-learn": sklearn.__version__,
+        "platform": platform.platform(),
+    }

@@ -1,0 +1,1 @@
+"""Reports: tables, figures and files for measurements and comparisons."""
