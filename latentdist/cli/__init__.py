@@ -28,9 +28,10 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from latentdist.cli import measure
+    from latentdist.cli import measure, train_dae
 
     cli.add_command(measure.measure)
+    cli.add_command(train_dae.train_dae)
 
 
 _register()

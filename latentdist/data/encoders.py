@@ -322,7 +322,11 @@ def _load_file(p: Path, arch: str | None, arch_kwargs, trust_pickle: bool) -> En
             module = torch.jit.load(str(p), map_location="cpu")
         except Exception as e:
             raise UsageError(f"--encoder {p}: corrupt TorchScript archive ({_brief(e)})") from None
-        return Encoder(module, p.name, "torchscript")
+        # a VQ encoder may carry its codebook (K, C) as a tensor attribute (latentdist train-dae does)
+        codebook = getattr(module, "codebook", None)
+        if not (isinstance(codebook, torch.Tensor) and codebook.dim() == 2):
+            codebook = None
+        return Encoder(module, p.name, "torchscript", codebook=codebook)
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
