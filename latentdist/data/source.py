@@ -26,6 +26,7 @@ class DataSource:
     array: np.ndarray  # possibly an np.memmap
     kind: str = "vectors"
     scale: tuple[float, float] | None = None  # (offset, factor): value = (raw - offset) * factor
+    labels: np.ndarray | None = None  # class labels, when the data set has them (built-ins do)
 
     def __post_init__(self) -> None:
         if self.array.ndim < 1 or len(self.array) == 0:

@@ -1,0 +1,176 @@
+"""Discrepancies d_F: agreement with POT/SciPy, closed forms, symmetry, the finite-sample floor."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import ot
+import pytest
+import torch
+from scipy.stats import wasserstein_distance
+
+from latentdist.discrepancy import (
+    METRICS,
+    _exact_ot,
+    discrepancy,
+    median_bandwidth,
+    mmd,
+    sinkhorn,
+    sinkhorn_divergence,
+    sliced,
+    w1,
+    w2,
+)
+from latentdist.errors import UsageError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small dense kernels run faster single-threaded (2 shared cores thrash otherwise)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _samples(n: int, m: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, d)), rng.normal(size=(m, d)) * 1.3 + 0.5
+
+
+def _cdist2(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
+
+
+@pytest.mark.parametrize(("n", "m"), [(60, 60), (50, 70)])
+def test_w1_w2_agree_with_pot_emd2(n: int, m: int) -> None:
+    x, y = _samples(n, m, 4)
+    a, b = np.full(n, 1 / n), np.full(m, 1 / m)
+    m2 = _cdist2(x, y)
+    assert w1(x, y) == pytest.approx(ot.emd2(a, b, np.sqrt(m2)), rel=1e-10)
+    assert w2(x, y) == pytest.approx(math.sqrt(ot.emd2(a, b, m2)), rel=1e-10)
+
+
+def test_assignment_and_network_simplex_agree() -> None:
+    x, y = _samples(300, 300, 8, seed=1)
+    cost = _cdist2(x, y)
+    assert _exact_ot(cost, "lsa") == pytest.approx(_exact_ot(cost, "emd"), rel=1e-12)
+
+
+def test_1d_closed_forms() -> None:
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(200, 1)), rng.exponential(size=(150, 1))
+    assert w1(x, y) == pytest.approx(wasserstein_distance(x[:, 0], y[:, 0]), rel=1e-10)
+    # equal sizes: the monotone (sorted) coupling is optimal in 1-D
+    y2 = rng.exponential(size=(200, 1))
+    expected = math.sqrt(np.mean((np.sort(x[:, 0]) - np.sort(y2[:, 0])) ** 2))
+    assert w2(x, y2) == pytest.approx(expected, rel=1e-10)
+
+
+def test_translation_closed_form() -> None:
+    # W2(x, x + t) = |t| exactly: the identity coupling is optimal (cross term vanishes)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(100, 5))
+    t = np.array([0.3, -1.0, 2.0, 0.0, 0.5])
+    assert w2(x, x + t) == pytest.approx(np.linalg.norm(t), rel=1e-9)
+    assert w2(torch.tensor(x), torch.tensor(x + t)) == pytest.approx(np.linalg.norm(t), rel=1e-9)
+
+
+def _entropic_ot_primal(x: np.ndarray, y: np.ndarray, eps: float) -> float:
+    """<P, C> + eps KL(P | a x b) at POT's log-domain Sinkhorn plan (an independent solver)."""
+    a, b = np.full(len(x), 1 / len(x)), np.full(len(y), 1 / len(y))
+    cost = _cdist2(x, y)
+    plan = ot.sinkhorn(a, b, cost, eps, method="sinkhorn_log", stopThr=1e-11, numItermax=20000)
+    ab = a[:, None] * b[None, :]
+    kl = np.sum(plan * np.log(np.maximum(plan, 1e-300) / ab))
+    return float(np.sum(plan * cost) + eps * kl)
+
+
+@pytest.mark.filterwarnings("error")  # POT's reference solve must itself converge
+def test_sinkhorn_agrees_with_pot_primal() -> None:
+    x, y = _samples(40, 50, 3, seed=4)
+    eps = 1.0
+    expected = (
+        _entropic_ot_primal(x, y, eps)
+        - 0.5 * _entropic_ot_primal(x, x, eps)
+        - 0.5 * _entropic_ot_primal(y, y, eps)
+    )
+    got = sinkhorn_divergence(torch.tensor(x), torch.tensor(y), eps=eps, tol=1e-10)
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert sinkhorn(x, y, blur=math.sqrt(eps)) == pytest.approx(math.sqrt(expected), rel=1e-5)
+
+
+def test_sinkhorn_self_zero() -> None:
+    x, y = _samples(80, 80, 3, seed=5)
+    xt = torch.tensor(x)
+    # S_eps(a, a) = 0; the solver meets the marginals to tol, so 0 up to tol x cost scale
+    assert sinkhorn_divergence(xt, xt, eps=0.5, tol=1e-9) == pytest.approx(0.0, abs=1e-9)
+    assert sinkhorn(x, x) < 1e-3 * sinkhorn(x, y)
+
+
+def test_sliced_agrees_with_independent_projection() -> None:
+    x, y = _samples(120, 120, 6, seed=6)
+    theta = ot.sliced.get_random_projections(6, 64, seed=7)  # (d, L) unit directions
+    px, py = np.sort(x @ theta, axis=0), np.sort(y @ theta, axis=0)
+    expected = math.sqrt(np.mean((px - py) ** 2))
+    assert sliced(x, y, n_projections=64, seed=7) == pytest.approx(expected, rel=1e-10)
+
+
+def test_mmd_closed_forms_and_independent_kernel() -> None:
+    # n copies of a against n copies of b: MMD_u^2 = 2 - 2 k(a, b); the median pairwise
+    # distance of the pooled sample is |a - b| (n^2 of the n(2n-1) pairs), so k = e^{-1/2}
+    a, b = np.zeros(3), np.array([1.0, 2.0, 2.0])
+    x, y = np.tile(a, (10, 1)), np.tile(b, (10, 1))
+    assert mmd(x, y) == pytest.approx(2 - 2 * math.exp(-0.5), rel=1e-12)
+    # identical, well-separated points with a tiny kernel: k = identity, MMD_u^2 = -2/n
+    grid = np.arange(20.0)[:, None] * 100
+    assert mmd(grid, grid, bandwidth=1.0) == pytest.approx(-2 / 20, rel=1e-12)
+    # general case against a direct O(n^2) computation
+    x, y = _samples(30, 40, 4, seed=8)
+    sigma = median_bandwidth(torch.tensor(x), torch.tensor(y))
+    pooled = np.vstack([x, y])
+    iu = np.triu_indices(70, 1)
+    assert sigma == pytest.approx(np.median(np.sqrt(_cdist2(pooled, pooled))[iu]), rel=1e-10)
+
+    def k(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        return np.exp(-_cdist2(u, v) / (2 * sigma**2))
+
+    kxx, kyy = k(x, x), k(y, y)
+    expected = (
+        (kxx.sum() - np.trace(kxx)) / (30 * 29)
+        + (kyy.sum() - np.trace(kyy)) / (40 * 39)
+        - 2 * k(x, y).mean()
+    )
+    assert mmd(x, y) == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize("name", sorted(METRICS))
+def test_symmetry(name: str) -> None:
+    x, y = _samples(50, 50, 4, seed=9)
+    assert discrepancy(name, x, y) == pytest.approx(discrepancy(name, y, x), rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("name", ["w1", "w2", "sinkhorn", "sliced"])
+def test_floor_shrinks_with_sample_size(name: str) -> None:
+    # E d(P_n, P'_n) decreases in n for two samples of one distribution (rate n^{-1/d} for W_p)
+    rng = np.random.default_rng(10)
+    means = []
+    for n in (40, 160, 640):
+        vals = [
+            discrepancy(name, rng.normal(size=(n, 8)), rng.normal(size=(n, 8))) for _ in range(3)
+        ]
+        means.append(np.mean(vals))
+    assert means[0] > means[1] > means[2]
+
+
+def test_bad_input() -> None:
+    x = np.zeros((5, 2))
+    with pytest.raises(UsageError, match="unknown metric"):
+        discrepancy("fid", x, x)
+    with pytest.raises(UsageError, match="different dimensions"):
+        w2(x, np.zeros((5, 3)))
+    with pytest.raises(UsageError, match="NaN"):
+        w1(np.full((3, 2), np.nan), x)
+    with pytest.raises(UsageError, match="metric 'w2'"):
+        discrepancy("w2", x, x, blur=1.0)
