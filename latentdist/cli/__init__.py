@@ -28,10 +28,12 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from latentdist.cli import measure, train_dae
+    from latentdist.cli import compare, demo, measure, train_dae
 
     cli.add_command(measure.measure)
     cli.add_command(train_dae.train_dae)
+    cli.add_command(compare.compare)
+    cli.add_command(demo.demo)
 
 
 _register()
