@@ -37,11 +37,20 @@ def main() -> None:
             cfg = DEMO_MEASURE
             if args.small:
                 cfg = type(cfg)(**{**cfg.__dict__, "steps": 60, "capacities": (8, 32)})
-            result = compare([out / "dae", out / "joint"], name, measure_config=cfg, device="cpu",
-                             progress=False, gen_seeds=2 if args.small else 3)
-            sections.append(f"## {name} ({steps} training steps per run)\n\n```\n{result.table()}\n```\n")
-    path = write_result("quality" + ("_small" if args.small else ""), "Quality: DAE vs joint",
-                        "\n".join(sections))
+            result = compare(
+                [out / "dae", out / "joint"],
+                name,
+                measure_config=cfg,
+                device="cpu",
+                progress=False,
+                gen_seeds=2 if args.small else 3,
+            )
+            sections.append(
+                f"## {name} ({steps} training steps per run)\n\n```\n{result.table()}\n```\n"
+            )
+    path = write_result(
+        "quality" + ("_small" if args.small else ""), "Quality: DAE vs joint", "\n".join(sections)
+    )
     print(path.read_text())
 
 

@@ -35,14 +35,23 @@ def fit_time(z, x, caps, seeds, steps, device, bucket_ratio) -> float:
     rows_z = [sp.train_z.to(device) for sp in splits]
     rows_x = [sp.train_x.to(device) for sp in splits]
     settings = FitSettings(fit="ot", steps=steps, batch_size=256, lr=2e-3)
-    ens = GeneratorEnsemble("mlp", (z.shape[1],), tuple(x.shape[1:]), [c for c, _ in members],
-                            [s for _, s in members], depth=2, bucket_ratio=bucket_ratio).to(device)
+    ens = GeneratorEnsemble(
+        "mlp",
+        (z.shape[1],),
+        tuple(x.shape[1:]),
+        [c for c, _ in members],
+        [s for _, s in members],
+        depth=2,
+        bucket_ratio=bucket_ratio,
+    ).to(device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     if bucket_ratio is None:  # the sequential reference: one member at a time, same total steps
         for m, (c, s) in enumerate(members):
-            one = GeneratorEnsemble("mlp", (z.shape[1],), tuple(x.shape[1:]), [c], [s], depth=2).to(device)
+            one = GeneratorEnsemble("mlp", (z.shape[1],), tuple(x.shape[1:]), [c], [s], depth=2).to(
+                device
+            )
             fit_ensemble(one, z, x, [rows_z[s]], [rows_x[s]], [0], settings, seed=m, progress=False)
     else:
         fit_ensemble(ens, z, x, rows_z, rows_x, [s for _, s in members], settings, progress=False)
@@ -59,18 +68,27 @@ def main() -> None:
     device = torch.device(args.device)
     data = load_data("mnist5k")
     x = data.take()
-    z = torch.as_tensor(PCA(32, random_state=0).fit_transform(x.flatten(1).numpy()), dtype=torch.float32)
+    z = torch.as_tensor(
+        PCA(32, random_state=0).fit_transform(x.flatten(1).numpy()), dtype=torch.float32
+    )
     caps, seeds = DEFAULT_CAPACITIES["mlp"], 3
     steps = 40 if args.small else 200
     xd, zd = x.to(device), z.to(device)
     fit_time(zd, xd, caps[:1], 1, 5, device, float("inf"))  # warm-up
     batched = fit_time(zd, xd, caps, seeds, steps, device, float("inf"))
     sequential = fit_time(zd, xd, caps, seeds, steps, device, None)
-    rows = [{"fitting": "sequential (18 separate fits)", "seconds": sequential, "ratio": 1.0},
-            {"fitting": "batched (one vectorised model)", "seconds": batched, "ratio": sequential / batched}]
+    rows = [
+        {"fitting": "sequential (18 separate fits)", "seconds": sequential, "ratio": 1.0},
+        {
+            "fitting": "batched (one vectorised model)",
+            "seconds": batched,
+            "ratio": sequential / batched,
+        },
+    ]
     t0 = time.perf_counter()
-    result = measure(z, data, device=args.device, progress=False,
-                     **({"steps": steps} if args.small else {}))
+    result = measure(
+        z, data, device=args.device, progress=False, **({"steps": steps} if args.small else {})
+    )
     full = time.perf_counter() - t0
     t = result.report["timings"]
     body = (
@@ -82,7 +100,11 @@ def main() -> None:
         f"**{full:.1f} s** (goal <= 60 s; fit {t['fit_s']:.1f} s, evaluation {t['eval_s']:.1f} s, "
         f"proxies {t['proxies_s']:.1f} s, geometry {t['geometry_s']:.1f} s).\n"
     )
-    path = write_result("sweep" + ("_small" if args.small else "") + f"_{device.type}", "Capacity sweep: batched vs sequential", body)
+    path = write_result(
+        "sweep" + ("_small" if args.small else "") + f"_{device.type}",
+        "Capacity sweep: batched vs sequential",
+        body,
+    )
     print(path.read_text())
 
 

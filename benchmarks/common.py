@@ -31,17 +31,23 @@ def context() -> str:
 
     import latentdist
 
-    return (f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}\n"
-            f"- machine: {machine()}\n"
-            f"- versions: latentdist {latentdist.__version__}, torch {torch.__version__}, "
-            f"numpy {numpy.__version__}, POT {ot.__version__}, Python {platform.python_version()}\n")
+    return (
+        f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}\n"
+        f"- machine: {machine()}\n"
+        f"- versions: latentdist {latentdist.__version__}, torch {torch.__version__}, "
+        f"numpy {numpy.__version__}, POT {ot.__version__}, Python {platform.python_version()}\n"
+    )
 
 
 def markdown_table(rows: list[dict]) -> str:
     cols = list(rows[0])
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        out.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+        out.append(
+            "| "
+            + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values())
+            + " |"
+        )
     return "\n".join(out)
 
 

@@ -1,6 +1,6 @@
 """Run every benchmark; each writes a Markdown table to benchmarks/results/ and prints it.
 
-    python benchmarks/run_all.py [--small]     (make bench / make bench-small)
+python benchmarks/run_all.py [--small]     (make bench / make bench-small)
 """
 
 from __future__ import annotations

@@ -277,3 +277,86 @@ def test_bad_input_one_line_exit_2_no_files(tmp_path, capsys, args, fragment):
     assert err.count("\n") == 1 and err.startswith("latentdist: error:") and fragment in err
     assert "Traceback" not in err
     assert not out_dir.exists()
+
+
+def test_large_memory_mapped_data_is_not_read_whole(tmp_path):
+    """Only the rows the splits use are loaded from a memory-mapped .npy."""
+    from latentdist import load_data, measure
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.standard_normal((20000, 4)).astype(np.float32))
+    np.save(tmp_path / "z.npy", rng.standard_normal((20000, 2)).astype(np.float32))
+    x, z = load_data(tmp_path / "x.npy"), load_data(tmp_path / "z.npy")
+    assert isinstance(x.array, np.memmap)
+    r = measure(
+        z,
+        x,
+        generator="linear",
+        fit="paired",
+        n_eval=100,
+        seeds=2,
+        steps=5,
+        max_train_rows=300,
+        proxies=False,
+        progress=False,
+    ).report
+    assert r["data"]["rows"] == 20000
+    assert r["data"]["rows_loaded"] <= 2 * (2 * 100 + 300)
+
+
+# Issue 3 through the CLI: x = A z, A with singular values 3 and 1.
+def test_lipschitz_figures_of_a_fitted_linear_generator(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    u, _ = np.linalg.qr(rng.standard_normal((10, 2)))
+    v, _ = np.linalg.qr(rng.standard_normal((2, 2)))
+    a = u @ np.diag([3.0, 1.0]) @ v.T
+    z = rng.standard_normal((3000, 2)).astype(np.float32)
+    r = measure_cli(
+        tmp_path,
+        capsys,
+        z,
+        (z @ a.T).astype(np.float32),
+        "--generator",
+        "linear",
+        "--fit",
+        "paired",
+        "--n-eval",
+        "500",
+        "--seeds",
+        "2",
+        "--steps",
+        "400",
+    )
+    proxies = r["curve"][0]["proxies"]
+    assert proxies["lipschitz_lower"] == pytest.approx(3.0, rel=0.10)
+    assert proxies["lipschitz_upper"] == pytest.approx(3.0, rel=0.10)
+    assert proxies["lipschitz_lower"] <= proxies["lipschitz_upper"] * (1 + 1e-6)
+    for key in ("jacobian_fro", "spectral_complexity", "params"):
+        assert math.isfinite(proxies[key])
+
+
+def test_latent_on_a_plane_reports_its_geometry(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    basis, _ = np.linalg.qr(rng.standard_normal((10, 2)))
+    z2 = rng.standard_normal((3000, 2))
+    latents = (z2 @ basis.T).astype(np.float32)
+    x = np.tanh(z2 @ rng.standard_normal((2, 5))).astype(np.float32)
+    r = measure_cli(
+        tmp_path,
+        capsys,
+        latents,
+        x,
+        "--generator",
+        "linear",
+        "--n-eval",
+        "500",
+        "--seeds",
+        "2",
+        "--steps",
+        "20",
+    )
+    geometry = r["latent"]
+    assert geometry["shape"] == [10]
+    assert geometry["intrinsic_dim"]["twonn"] == pytest.approx(2, abs=0.5)
+    assert geometry["intrinsic_dim"]["mle"] == pytest.approx(2, abs=0.5)
+    assert geometry["effective_rank"] <= 2.5

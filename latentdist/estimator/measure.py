@@ -132,15 +132,32 @@ class MeasureResult:
         save_measure(self.report, out_dir)
 
 
+def _is_source(x: Any) -> bool:
+    return hasattr(x, "take") and hasattr(x, "sample_shape")  # a DataSource (maybe memory-mapped)
+
+
 def _as_tensor(x: Any, what: str) -> torch.Tensor:
-    if hasattr(x, "take") and hasattr(x, "sample_shape"):  # DataSource
-        return x.take()
     t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float()
     if t.dim() < 1 or len(t) == 0:
         raise UsageError(f"{what}: no samples")
     if not torch.isfinite(t).all():
         raise UsageError(f"{what}: contains NaN or Inf values")
     return t.reshape(len(t), -1) if t.dim() == 1 else t
+
+
+def _gather(source: Any, splits: list, fields: tuple[str, ...], rows: torch.Tensor | None = None):
+    """Load only the rows the splits use (a large memory-mapped file is never read whole) and
+    renumber the splits' ``fields`` into the loaded block. ``rows`` fixes the row set, so that
+    latents and data loaded with the same rows stay aligned (paired fitting relies on it)."""
+    if rows is None:
+        rows = torch.unique(torch.cat([getattr(sp, f) for sp in splits for f in fields]))
+    position = torch.full((len(source),), -1, dtype=torch.long)
+    position[rows] = torch.arange(len(rows))
+    block = source.take(rows.numpy()) if _is_source(source) else source[rows]
+    for sp in splits:
+        for f in fields:
+            setattr(sp, f, position[getattr(sp, f)])
+    return block
 
 
 def _subsample(rows: torch.Tensor, cap: int, seed: int) -> torch.Tensor:
@@ -174,24 +191,35 @@ def measure(
         cfg = MeasureConfig(**{**asdict(cfg), **settings})
     cfg.validate()
     is_integer = bool(getattr(latents, "is_integer", False))
-    z_all, x_all = _as_tensor(latents, "latents"), _as_tensor(data, "data")
-    latent_shape, data_shape = tuple(z_all.shape[1:]), tuple(x_all.shape[1:])
-    if cfg.fit == "paired" and len(z_all) != len(x_all):
+    z_src = latents if _is_source(latents) else _as_tensor(latents, "latents")
+    x_src = data if _is_source(data) else _as_tensor(data, "data")
+    n_z, n_x = len(z_src), len(x_src)
+    latent_shape = tuple(z_src.sample_shape if _is_source(z_src) else z_src.shape[1:])
+    data_shape = tuple(x_src.sample_shape if _is_source(x_src) else x_src.shape[1:])
+    if cfg.fit == "paired" and n_z != n_x:
         raise UsageError(
-            f"--fit paired needs one latent per data row: {len(z_all)} latents vs {len(x_all)} data rows"
+            f"--fit paired needs one latent per data row: {n_z} latents vs {n_x} data rows"
         )
     if cfg.generator == "conv":
         upsampling_factor(latent_shape, data_shape)  # raises a UsageError on impossible shapes
-    n_rows = min(len(z_all), len(x_all))
+    n_rows = min(n_z, n_x)
     n_eval = cfg.n_eval or default_n_eval(n_rows)
     device = resolve_device(cfg.device)
     seeds = [cfg.seed + s for s in range(cfg.seeds)]
-    splits = [make_split(len(z_all), len(x_all), n_eval, s, cfg.fit == "paired") for s in seeds]
+    splits = [make_split(n_z, n_x, n_eval, s, cfg.fit == "paired") for s in seeds]
     for s, sp in zip(seeds, splits, strict=True):
         sp.train_x = _subsample(sp.train_x, cfg.max_train_rows, s)
         sp.train_z = (
             sp.train_x if cfg.fit == "paired" else _subsample(sp.train_z, cfg.max_train_rows, s)
         )
+    z_fields, x_fields = ("eval_z", "train_z"), ("eval_x", "floor_x", "train_x")
+    shared = None
+    if n_z == n_x:  # rows correspond: load one row set for both, keeping pairs aligned
+        shared = torch.unique(
+            torch.cat([getattr(sp, f) for sp in splits for f in z_fields + x_fields])
+        )
+    z_all = _gather(z_src, splits, z_fields, shared)
+    x_all = _gather(x_src, splits, x_fields, shared)
 
     # --- fit every (capacity, seed) at once
     caps: list[int | None] = list(cfg.capacities) or [None]
@@ -289,7 +317,7 @@ def measure(
         "monotone": not warnings,
         "warnings": warnings,
         "latent": latent_info,
-        "data": {"shape": list(data_shape), "rows": len(x_all)},
+        "data": {"shape": list(data_shape), "rows": n_x, "rows_loaded": len(x_all)},
         "fit_diagnostics": {
             "final_loss": fit_info["final_loss"],
             "train_rows": len(splits[0].train_x),
