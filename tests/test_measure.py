@@ -106,6 +106,14 @@ def test_independent_latent_distributional_vs_paired(tmp_path, capsys):
     paired = measure_cli(tmp_path, capsys, independent, x, "--fit", "paired", *common)
     assert paired["curve"][0]["distance"]["mean"] >= 2.5
     assert paired["fit"] == "paired" and "upper bound" in paired["fit_meaning"]
+    # regression on an independent latent predicts the mean: RMSE = sqrt(trace S) = sqrt(14).
+    # Triangle inequality: W2(g(z_B), x_A) <= W2(g(z_B), x_B) + W2(x_B, x_A) <= RMSE + floor,
+    # since the pairing of g(z_B) with x_B is one coupling.
+    entry = paired["curve"][0]
+    rmse = entry["recon_rmse"]["per_seed"]
+    assert np.mean(rmse) == pytest.approx(math.sqrt(14), rel=0.05)
+    for d, r, f in zip(entry["distance"]["per_seed"], rmse, paired["floor"]["per_seed"], strict=True):
+        assert d <= r + f + 1e-6
 
 
 def test_report_contract(tmp_path, capsys):

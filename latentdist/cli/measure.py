@@ -64,7 +64,7 @@ def measurement_options(f):
             default="ot",
             show_default=True,
             help="ot / adversarial estimate D_c (unpaired); paired regresses x on E(x) "
-            "and estimates the reconstruction upper bound.",
+            "and gives an upper bound on D_c (plus the held-out reconstruction RMSE).",
         ),
         click.option(
             "--seeds",
