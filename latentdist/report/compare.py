@@ -1,0 +1,330 @@
+"""Views of a compare report: a DataFrame, text and Markdown tables, figures, and the files in --out.
+
+Every interval is a 95 % Student-t interval over seeds (generation, distance) or samples
+(reconstruction MSE), printed as ``mean ± half-width``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from latentdist._io import save_figure, save_json, save_text
+from latentdist.report.measure import PROXY_COLUMNS
+
+GEN_COLUMNS = (
+    ("fd", "FD"),
+    ("precision", "precision"),
+    ("recall", "recall"),
+    ("density", "density"),
+    ("coverage", "coverage"),
+    ("w2", "W2"),
+)
+
+
+def _half(ci: list[float] | None) -> float | None:
+    return None if not ci else (ci[1] - ci[0]) / 2
+
+
+def _pm(mean: float | None, ci: list[float] | None, fmt: str = "{:.4g}") -> str:
+    if mean is None or not np.isfinite(mean):
+        return "-"
+    h = _half(ci)
+    return fmt.format(mean) + ("" if h is None else f" ± {h:.2g}")
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "run"
+
+
+def _cap_label(cap: int | None) -> str:
+    return "D (linear)" if cap is None else f"D_c c={cap}"
+
+
+def compare_frame(report: dict[str, Any]) -> pd.DataFrame:
+    """One row per run with numeric columns (means, and ``*_lo``/``*_hi`` interval ends)."""
+    rows = []
+    for r in report["runs"]:
+        rec, m, g = r["reconstruction"], r["measure"], r["generation"]
+        row: dict[str, Any] = {
+            "run": r["name"],
+            "mode": r["mode"],
+            "encoder_params": r["encoder_params"],
+            "decoder_params": r["decoder_params"],
+            "recon_mse": rec["mse"],
+            "psnr": rec["psnr"],
+        }
+        for e in m["curve"]:
+            label = _cap_label(e["capacity"])
+            row[label] = e["distance"]["mean"]
+            ci = e["distance"]["ci"] or [None, None]
+            row[f"{label}_lo"], row[f"{label}_hi"] = ci
+        row["floor"] = m["floor"]["mean"]
+        row["critical_capacity"] = m["critical_capacity"]["capacity"]
+        for key, _ in GEN_COLUMNS:
+            row[key] = g[key]["mean"]
+            ci = g[key]["ci"] or [None, None]
+            row[f"{key}_lo"], row[f"{key}_hi"] = ci
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    runs = report["runs"]
+    caps = [e["capacity"] for e in runs[0]["measure"]["curve"]] if runs else []
+    metric = runs[0]["measure"]["metric"] if runs else "d"
+    header = ["run", "mode", "enc/dec params", "recon MSE", "PSNR (dB)"]
+    header += [f"{metric} c={c}" if c is not None else f"{metric} (linear)" for c in caps]
+    header += ["floor", "critical c"] + [label for _, label in GEN_COLUMNS]
+    body = []
+    for r in runs:
+        rec, m, g = r["reconstruction"], r["measure"], r["generation"]
+        by_cap = {e["capacity"]: e["distance"] for e in m["curve"]}
+        crit = m["critical_capacity"]["capacity"]
+        row = [
+            r["name"],
+            r["mode"],
+            f"{r['encoder_params']:,} / {r['decoder_params']:,}",
+            _pm(rec["mse"], rec["mse_ci"]),
+            _pm(rec["psnr"], rec["psnr_ci"], "{:.2f}"),
+        ]
+        row += [_pm(by_cap[c]["mean"], by_cap[c]["ci"]) if c in by_cap else "-" for c in caps]
+        row += [
+            _pm(m["floor"]["mean"], m["floor"]["ci"]),
+            "none" if crit is None else str(crit),
+        ]
+        row += [_pm(g[key]["mean"], g[key]["ci"], "{:.3g}") for key, _ in GEN_COLUMNS]
+        body.append(row)
+    return header, body
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A plain-text table (runs as rows), preceded by what was measured."""
+    header, body = _table_rows(report)
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
+    cfg = report["measure_config"]
+    return "\n".join(
+        [
+            _settings_line(report, cfg),
+            line(header),
+            *(line(b) for b in body),
+            *(f"warning: {w}" for w in report.get("warnings", [])),
+        ]
+    )
+
+
+def _settings_line(report: dict[str, Any], cfg: dict[str, Any]) -> str:
+    gs = report["generation_settings"]
+    return (
+        f"data {report['data']['name']} {report['data']['shape']}; distance: {cfg['metric']}, "
+        f"fit={cfg['fit']}, generator={cfg['generator']}, seeds={cfg['seeds']}; generation: "
+        f"{len(gs['seeds'])} seeds vs held-out data, features={gs['features']['kind']}; "
+        "± = 95% CI half-width"
+    )
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The comparison as a Markdown table a paper could print."""
+    header, body = _table_rows(report)
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    out += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(out)
+
+
+def _plt(path_given: bool):
+    import matplotlib
+
+    if path_given:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(report: dict[str, Any], path: str | Path | None = None):
+    """Every run's distance curve with its 95 % band; each run's floor as a dashed line."""
+    plt = _plt(path is not None)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    linear = False
+    for i, r in enumerate(report["runs"]):
+        m, color = r["measure"], f"C{i}"
+        caps = [e["capacity"] for e in m["curve"]]
+        linear = caps == [None]
+        x = [0] if linear else caps
+        mean = [e["distance"]["mean"] for e in m["curve"]]
+        ax.plot(x, mean, "o-", color=color, label=f"{r['name']} ({r['mode']})")
+        cis = [e["distance"]["ci"] for e in m["curve"]]
+        if all(cis):
+            ax.fill_between(x, [c[0] for c in cis], [c[1] for c in cis], color=color, alpha=0.2)
+        ax.axhline(m["floor"]["mean"], color=color, ls="--", lw=1)
+    ax.plot([], [], "k--", lw=1, label="floor (data vs data)")
+    if not linear:
+        ax.set_xscale("log", base=2)
+    cfg = report["measure_config"]
+    ax.set_xlabel(f"capacity ({cfg['generator']} width)")
+    ax.set_ylabel(f"{cfg['metric']} distance (held-out)")
+    ax.set_title(f"latent–data distance D_c (fit={cfg['fit']}, 95% CI)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        save_figure(path, fig, dpi=120)
+        plt.close(fig)
+    return fig
+
+
+def plot_proxies(report: dict[str, Any], path: str | Path | None = None):
+    """One panel per generator-complexity proxy against capacity, runs overlaid."""
+    plt = _plt(path is not None)
+    keys = [
+        k
+        for k in PROXY_COLUMNS
+        if all(k in e.get("proxies", {}) for r in report["runs"] for e in r["measure"]["curve"])
+    ] or ["params"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        for i, r in enumerate(report["runs"]):
+            curve = r["measure"]["curve"]
+            x = [e["capacity"] or 0 for e in curve]
+            y = [e["proxies"].get(key, e.get(key)) for e in curve]
+            ax.plot(x, y, "s-", color=f"C{i}", label=r["name"])
+        if len(x) > 1:
+            ax.set_xscale("log", base=2)
+        if all(v is not None and v > 0 for v in y):
+            ax.set_yscale("log")
+        ax.set_xlabel("capacity")
+        ax.set_title(key)
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        save_figure(path, fig, dpi=120)
+        plt.close(fig)
+    return fig
+
+
+def _to_display(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """(C, H, W) in [lo, hi] -> (H, W) or (H, W, 3) in [0, 1] for imshow."""
+    x = np.clip((x - lo) / max(hi - lo, 1e-12), 0, 1)
+    return x.transpose(1, 2, 0) if x.shape[0] == 3 else x[0]
+
+
+def plot_image_grid(
+    rows: list[tuple[str, Any]], lo: float, hi: float, path: str | Path | None = None
+):
+    """A grid of images: one labelled row per (label, (N, C, H, W) tensor) pair."""
+    plt = _plt(path is not None)
+    ncol = max(len(t) for _, t in rows)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(1.1 * ncol, 1.2 * len(rows)), squeeze=False)
+    for i, (label, imgs) in enumerate(rows):
+        arr = np.asarray(imgs)
+        for j in range(ncol):
+            ax = axes[i, j]
+            ax.axis("off")
+            if j < len(arr):
+                ax.imshow(_to_display(arr[j], lo, hi), cmap="gray", vmin=0, vmax=1)
+        axes[i, 0].set_title(label, fontsize=8, loc="left")
+    fig.tight_layout()
+    if path is not None:
+        save_figure(path, fig, dpi=100)
+        plt.close(fig)
+    return fig
+
+
+def report_markdown(report: dict[str, Any], figures: dict[str, list[str]]) -> str:
+    """report.md: settings, the table, definitions, warnings and the figures (relative links)."""
+    d, cfg, gs = report["data"], report["measure_config"], report["generation_settings"]
+    feat = gs["features"]
+    feat_text = (
+        f"the user's extractor `{feat['path']}`"
+        if feat["kind"] == "user"
+        else f"a small network trained here for {feat['steps']} steps on {feat['train_rows']} "
+        f"training rows (seed {feat['seed']})"
+        + (f": {feat['description']}" if feat.get("description") else "")
+    )
+    lines = [
+        "# latentdist compare",
+        "",
+        f"Data: `{d['name']}`, {d['rows']} rows of shape {d['shape']} (fingerprint "
+        f"`{d['fingerprint']}`). Created {report['created']} on {report['device']}.",
+        "",
+        markdown_table(report),
+        "",
+        "Entries are mean ± 95% CI half-width. "
+        f"Distance: {cfg['metric']}, fit={cfg['fit']}, generator={cfg['generator']} "
+        f"(depth {cfg['depth']}), {cfg['steps']} steps, {cfg['seeds']} seeds, held-out distance vs "
+        "the floor (the same discrepancy between two disjoint data samples); critical c is the "
+        "smallest capacity whose distance is within the floor's upper limit.",
+        "",
+        f"Reconstruction on each run's held-out rows: {report['runs'][0]['reconstruction']['definition']} "
+        f"(R = {d['range']:.4g}); interval over samples.",
+        "",
+        f"Generation: prior = {gs['prior']['continuous']}; VQ: {gs['prior']['vq']}. "
+        f"{len(gs['seeds'])} seeds (prior fit, sampling), samples decoded by each run's decoder and "
+        f"compared with held-out data. FD and precision/recall/density/coverage (k={gs['k']}) in "
+        f"the feature space of {feat_text}; W2 in data space.",
+        "",
+        "| run | mode | held-out rows | from | params (enc / dec / aux dec) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in report["runs"]:
+        aux = r["aux_decoder_params"]
+        lines.append(
+            f"| {r['name']} | {r['mode']} | {r['held_out']['rows']} | {r['held_out']['source']} | "
+            f"{r['encoder_params']:,} / {r['decoder_params']:,} / {'-' if aux is None else f'{aux:,}'} |"
+        )
+    if report.get("warnings"):
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in report["warnings"]]
+    lines += ["", "## Figures", ""]
+    for title, files in figures.items():
+        lines += [f"### {title}", ""] + [f"![{f}]({f})" for f in files] + [""]
+    return "\n".join(lines)
+
+
+def save_compare(
+    report: dict[str, Any], images: dict[str, dict[str, Any]], out_dir: str | Path
+) -> list[Path]:
+    """Write compare.json, curves.png, proxies.png, recon_/samples_<run>.png (images) and report.md."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "compare.json"]
+    save_json(out / "compare.json", report)
+    plot_curves(report, out / "curves.png")
+    plot_proxies(report, out / "proxies.png")
+    figures = {"Distance curves": ["curves.png"], "Proxies": ["proxies.png"]}
+    written += [out / "curves.png", out / "proxies.png"]
+    if report["data"]["kind"] == "images":
+        lo, hi = report["data"]["min"], report["data"]["max"]
+        recon_files, sample_files = [], []
+        for r in report["runs"]:
+            imgs = images.get(r["name"])
+            if not imgs:
+                continue
+            slug = _slug(r["name"])
+            plot_image_grid(
+                [(f"{r['name']}: held-out", imgs["original"]), ("reconstruction", imgs["recon"])],
+                lo,
+                hi,
+                out / f"recon_{slug}.png",
+            )
+            half = (len(imgs["samples"]) + 1) // 2
+            plot_image_grid(
+                [
+                    (f"{r['name']}: decoded prior samples", imgs["samples"][:half]),
+                    ("", imgs["samples"][half:]),
+                ],
+                lo,
+                hi,
+                out / f"samples_{slug}.png",
+            )
+            recon_files.append(f"recon_{slug}.png")
+            sample_files.append(f"samples_{slug}.png")
+        figures["Reconstructions (top: held-out data, bottom: reconstruction)"] = recon_files
+        figures["Decoded samples from each run's latent prior"] = sample_files
+        written += [out / f for f in recon_files + sample_files]
+    save_text(out / "report.md", report_markdown(report, figures))
+    written.append(out / "report.md")
+    return written

@@ -1,0 +1,188 @@
+"""``latentdist compare``: two tiny train-dae runs (dae, joint) and an external pair on ``digits``."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from latentdist.cli.compare import compare as compare_cmd
+from latentdist.data import load_data
+from latentdist.errors import UsageError
+from latentdist.evaluation.compare import GENERATION_KEYS, RunSpec, _held_out
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = dict(
+    base_width=4,
+    downsample=2,
+    latent_channels=2,
+    batch_size=32,
+    progress=False,
+    checkpoint_every=0,
+)
+MEASURE_FLAGS = [
+    "--capacities", "4,16", "--steps", "30", "--n-eval", "100", "--seeds", "2",
+    "--no-proxies", "--device", "cpu", "--gen-seeds", "2", "--feature-steps", "30",
+    "--prior-components", "3", "--quiet",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from latentdist.dae import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("runs")
+    for mode, s1, s2 in (("dae", 10, 10), ("joint", 20, 0)):
+        train(
+            TrainConfig(
+                data="digits",
+                out=str(root / mode),
+                mode=mode,
+                stage1_steps=s1,
+                stage2_steps=s2,
+                **TINY,
+            )
+        )
+    return root
+
+
+@pytest.fixture(scope="module")
+def compared(runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmp")
+    pair = f"ext:{runs / 'joint' / 'encoder.pt'}:{runs / 'joint' / 'decoder.pt'}"
+    res = CliRunner().invoke(
+        compare_cmd,
+        [str(runs / "dae"), str(runs / "joint"), "--pair", pair, "--data", "digits"]
+        + ["--out", str(out)]
+        + MEASURE_FLAGS,
+        catch_exceptions=False,
+    )
+    assert res.exit_code == 0, res.output
+    return out, json.loads((out / "compare.json").read_text()), res.output
+
+
+def _finite(x) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def test_compare_json_has_finite_values_and_modes(compared):
+    _, report, _ = compared
+    assert [r["mode"] for r in report["runs"]] == ["dae", "joint", "external"]
+    assert [r["name"] for r in report["runs"]] == ["dae", "joint", "ext"]
+    for r in report["runs"]:
+        rec = r["reconstruction"]
+        assert _finite(rec["mse"]) and rec["mse"] > 0 and _finite(rec["psnr"])
+        lo, hi = rec["mse_ci"]
+        assert lo <= rec["mse"] <= hi
+        m = r["measure"]
+        assert _finite(m["floor"]["mean"])
+        assert [e["capacity"] for e in m["curve"]] == [4, 16]
+        assert all(_finite(e["distance"]["mean"]) for e in m["curve"])
+        assert "intrinsic_dim" in m["latent"]
+        for key in GENERATION_KEYS:
+            g = r["generation"][key]
+            assert _finite(g["mean"]) and len(g["per_seed"]) == 2, key
+            assert g["ci"][0] <= g["mean"] <= g["ci"][1], key
+        for key in ("precision", "recall", "coverage"):
+            assert all(0 <= v <= 1 for v in r["generation"][key]["per_seed"]), key
+        assert r["generation"]["fd"]["mean"] >= 0 and r["generation"]["w2"]["mean"] > 0
+
+
+def test_same_settings_and_seeds_across_runs(compared):
+    """The floor depends on the data and seeds alone, so every run must report the same one; the
+    external pair is the joint run's encoder/decoder, and the fallback split equals the trainer's
+    default split, so every number must coincide with the joint run's."""
+    _, report, _ = compared
+    dae, joint, ext = report["runs"]
+    assert dae["measure"]["floor"] == joint["measure"]["floor"] == ext["measure"]["floor"]
+    assert dae["measure"]["config"] == joint["measure"]["config"]
+    assert ext["held_out"]["source"].startswith("fallback split")
+    assert joint["held_out"]["source"].startswith("the run's validation split")
+    assert ext["reconstruction"]["mse"] == pytest.approx(joint["reconstruction"]["mse"], rel=1e-9)
+    for a, b in zip(ext["measure"]["curve"], joint["measure"]["curve"], strict=True):
+        assert a["distance"]["mean"] == pytest.approx(b["distance"]["mean"], rel=1e-4)
+    for key in GENERATION_KEYS:
+        assert ext["generation"][key]["mean"] == pytest.approx(
+            joint["generation"][key]["mean"], rel=1e-4, abs=1e-6
+        )
+
+
+def test_reconstruction_matches_independent_computation(compared, runs):
+    """encoder.pt then decoder.pt on the run's validation rows; PSNR = 10 log10(2^2 / MSE)
+    since digits lie in [-1, 1]; also the trainer's own validation MSE in run.json."""
+    _, report, _ = compared
+    x_all = load_data("digits").take()
+    assert report["data"]["range"] == 2.0
+    for r in report["runs"][:2]:
+        run = json.loads((runs / r["name"] / "run.json").read_text())
+        val = np.asarray(run["split"]["val_indices"])
+        enc = torch.jit.load(str(runs / r["name"] / "encoder.pt"))
+        dec = torch.jit.load(str(runs / r["name"] / "decoder.pt"))
+        with torch.no_grad():
+            x = x_all[val]
+            mse = float(((dec(enc(x)) - x) ** 2).double().mean())
+        assert r["reconstruction"]["mse"] == pytest.approx(mse, rel=1e-5)
+        assert r["reconstruction"]["psnr"] == pytest.approx(10 * math.log10(4 / mse), rel=1e-5)
+        assert r["reconstruction"]["mse"] == pytest.approx(run["final"]["val_mse"], rel=1e-4)
+        assert r["held_out"]["rows"] == len(val) == run["split"]["n_val"]
+
+
+def test_report_and_figures(compared):
+    out, report, output = compared
+    md = (out / "report.md").read_text()
+    assert "| run | mode | enc/dec params | recon MSE | PSNR (dB) | w2 c=4 | w2 c=16 |" in md
+    pngs = ["curves.png", "proxies.png"] + [
+        f"{kind}_{name}.png" for name in ("dae", "joint", "ext") for kind in ("recon", "samples")
+    ]
+    for f in pngs:
+        assert f"![{f}]({f})" in md
+        data = (out / f).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000, f
+    for name in ("dae", "joint", "ext"):
+        assert f"| {name} |" in md
+    # the terminal table names every run and the report's location
+    assert "dae" in output and "ext" in output and "report.md" in output
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_bad_inputs_are_one_line_usage_errors(runs, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="missing encoder.pt, decoder.pt, run.json"):
+        RunSpec.from_dir(tmp_path / "empty")
+    with pytest.raises(UsageError, match="NAME:ENCODER_PATH:DECODER_PATH"):
+        RunSpec.parse_pair("only-a-name")
+    vectors = tmp_path / "v.npy"
+    np.save(vectors, np.zeros((50, 10), dtype=np.float32))
+    res = CliRunner().invoke(
+        compare_cmd, [str(runs / "dae"), "--data", str(vectors), "--out", str(tmp_path / "o")]
+    )
+    assert isinstance(res.exception, UsageError)
+    assert "[1, 8, 8]" in str(res.exception) and "\n" not in str(res.exception)
+    res = CliRunner().invoke(compare_cmd, ["--data", "digits", "--out", str(tmp_path / "o")])
+    assert isinstance(res.exception, UsageError) and "at least one" in str(res.exception)
+
+
+def test_cli_exit_status_2(runs, tmp_path, capsys):
+    from latentdist import cli
+
+    if "compare" not in cli.cli.commands:
+        pytest.skip("compare is not registered in latentdist.cli yet")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["compare", str(tmp_path), "--data", "digits", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a finished train-dae run" in err
+
+
+def test_fingerprint_mismatch_warns_and_falls_back(runs):
+    spec = RunSpec.from_dir(runs / "dae")
+    src = load_data("digits")
+    val, where, warnings = _held_out(spec, len(src), "0" * 16, src.sample_shape)
+    assert where.startswith("fallback split") and len(val) == round(0.1 * len(src))
+    assert len(warnings) == 1 and "fingerprint" in warnings[0]
+    val, where, warnings = _held_out(spec, len(src), src.fingerprint(), src.sample_shape)
+    assert warnings == [] and val.tolist() == spec.run["split"]["val_indices"]
