@@ -112,7 +112,9 @@ def test_independent_latent_distributional_vs_paired(tmp_path, capsys):
     entry = paired["curve"][0]
     rmse = entry["recon_rmse"]["per_seed"]
     assert np.mean(rmse) == pytest.approx(math.sqrt(14), rel=0.05)
-    for d, r, f in zip(entry["distance"]["per_seed"], rmse, paired["floor"]["per_seed"], strict=True):
+    for d, r, f in zip(
+        entry["distance"]["per_seed"], rmse, paired["floor"]["per_seed"], strict=True
+    ):
         assert d <= r + f + 1e-6
 
 

