@@ -80,7 +80,6 @@ def test_linear_gaussian_notebook(tmp_path, monkeypatch):
     assert (NOTEBOOKS / "01_linear_gaussian.ipynb").read_bytes() == before
 
 
-@pytest.mark.slow
 def test_dae_vs_joint_notebook(tmp_path, monkeypatch):
     before = (NOTEBOOKS / "02_dae_vs_joint.ipynb").read_bytes()
     nb = _execute("02_dae_vs_joint.ipynb", tmp_path, monkeypatch)
