@@ -11,10 +11,11 @@ import sys
 
 import click
 
+from latentdist.cli_context import CONTEXT
 from latentdist.errors import UsageError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(context_settings=CONTEXT)
 @click.version_option(package_name="latentdist")
 def cli() -> None:
     """Measure how well a latent space serves generation, and train Decoupled Autoencoders.

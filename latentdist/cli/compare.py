@@ -5,10 +5,11 @@ from __future__ import annotations
 import click
 
 from latentdist.cli.measure import config_from_options, measurement_options
+from latentdist.cli_context import CONTEXT
 from latentdist.errors import UsageError
 
 
-@click.command("compare")
+@click.command("compare", context_settings=CONTEXT)
 @click.argument("run_dirs", nargs=-1, metavar="RUN_DIR...")
 @click.option(
     "--pair",

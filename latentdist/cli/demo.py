@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from latentdist.cli_context import CONTEXT
 from latentdist.estimator.measure import MeasureConfig
 
 DEMO_TRAIN = dict(
@@ -70,7 +71,7 @@ def train_demo_run(
     return "resumed" if cfg.resume else "trained"
 
 
-@click.command("demo")
+@click.command("demo", context_settings=CONTEXT)
 @click.option("--out", default="demo_out", show_default=True, type=click.Path(file_okay=False))
 @click.option("--data", default="mnist5k", show_default=True, help="Data to train and compare on.")
 @click.option(

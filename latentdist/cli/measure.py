@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from latentdist.cli_context import CONTEXT
 from latentdist.errors import UsageError
 from latentdist.estimator.fit import FITS
 from latentdist.estimator.measure import DEFAULT_CAPACITIES, METRICS, MeasureConfig
@@ -136,7 +137,7 @@ def config_from_options(o: dict) -> MeasureConfig:
     ).validate()
 
 
-@click.command("measure")
+@click.command("measure", context_settings=CONTEXT)
 @click.option(
     "--encoder",
     type=click.Path(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import click
 
+from latentdist.cli_context import CONTEXT
 from latentdist.dae.config import TrainConfig
 from latentdist.errors import UsageError
 
@@ -22,7 +23,7 @@ def _ints(text: str | None) -> tuple[int, ...] | None:
         ) from None
 
 
-@click.command("train-dae", context_settings={"show_default": True, "max_content_width": 100})
+@click.command("train-dae", context_settings={**CONTEXT, "show_default": True})
 @click.option(
     "--data", required=True, help="Built-in name (digits, mnist5k), array file or image folder."
 )
