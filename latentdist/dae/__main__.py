@@ -1,25 +1,14 @@
-"""``python -m latentdist.dae ...``: the ``train-dae`` command on its own (handy under torchrun).
-
-Bad input prints one line and exits 2, as ``latentdist train-dae`` does (SPEC §5).
-"""
+"""``python -m latentdist.dae ...``: ``latentdist train-dae ...`` on its own (handy under torchrun:
+``torchrun --nproc_per_node N -m latentdist.dae --data ... --out ...``)."""
 
 import sys
 
-import click
-
-from latentdist.dae.cli import train_dae
-from latentdist.errors import UsageError
+from latentdist.cli import main as cli_main
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        train_dae.main(args=argv, prog_name="latentdist train-dae", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except (click.ClickException, UsageError) as e:
-        message = e.format_message() if isinstance(e, click.ClickException) else str(e)
-        click.echo(f"latentdist: error: {' '.join(message.split())}", err=True)
-        sys.exit(2)
+    """Run ``train-dae`` with ``argv``; bad input gets one line and exit 2, as in the CLI."""
+    cli_main(["train-dae", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
