@@ -44,6 +44,8 @@ def format_table(report: dict[str, Any]) -> str:
             "spectral_complexity": "spec_cx",
         }
     )
+    if report["generator"] == "linear":
+        shown["capacity"] = "linear"
     floor = report["floor"]
     fci = floor["ci"]
     crit = report["critical_capacity"]
