@@ -133,38 +133,32 @@ def fit_ensemble(
     n_members = len(ensemble.members)
     slot_t = torch.as_tensor(list(slot), device=device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    opt = torch.optim.Adam(ensemble.parameters(), lr=settings.lr)
+    adversarial = settings.fit == "adversarial"
+    betas = (0.5, 0.9) if adversarial else (0.9, 0.999)  # WGAN-GP's betas for the game
+    opt = torch.optim.Adam(ensemble.parameters(), lr=settings.lr, betas=betas)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, settings.steps))
     critic = critic_opt = None
-    if settings.fit == "adversarial":
+    if adversarial:
         critic = CriticEnsemble(
             int(np.prod(data.shape[1:])), settings.critic_width, n_members, seed
         ).to(device)
         critic_opt = torch.optim.Adam(critic.parameters(), lr=1e-4, betas=(0.5, 0.9))
-        opt = torch.optim.Adam(ensemble.parameters(), lr=settings.lr, betas=(0.5, 0.9))
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, settings.steps))
 
-    def draw(pools: Sequence[torch.Tensor], like: torch.Tensor | None = None) -> torch.Tensor:
-        """(slots, B) row indices, or the same positions in other pools when ``like`` is given."""
-        if like is not None:
-            return torch.stack([p[i] for p, i in zip(pools, like, strict=True)])
+    def draw(pools: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(slots, B) row indices: a random batch from each slot's pool."""
         pos = [torch.randint(len(p), (settings.batch_size,), generator=gen) for p in pools]
         return torch.stack([p[i.to(p.device)] for p, i in zip(pools, pos, strict=True)])
 
     losses = torch.zeros(n_members)
     bar = tqdm(range(settings.steps), desc=f"fit {settings.fit}", disable=not progress, leave=False)
     for _ in bar:
-        if settings.fit == "paired":
-            pos = [
-                torch.randint(len(p), (settings.batch_size,), generator=gen).to(p.device)
-                for p in train_z
-            ]
-            rows = torch.stack([p[i] for p, i in zip(train_z, pos, strict=True)])
+        if settings.fit == "paired":  # the same rows of latents and data
+            rows = draw(train_z)
             z, x = latents[rows][slot_t], data[rows][slot_t]
         else:
             z = latents[draw(train_z)][slot_t]
             x = data[draw(train_x)][slot_t]
-        if settings.fit == "adversarial":
+        if adversarial:
             for _ in range(settings.critic_steps):
                 with torch.no_grad():
                     fake = ensemble(z)
