@@ -25,15 +25,6 @@ from latentdist.discrepancy import (
 from latentdist.errors import UsageError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small dense kernels run faster single-threaded (2 shared cores thrash otherwise)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _samples(n: int, m: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     return rng.normal(size=(n, d)), rng.normal(size=(m, d)) * 1.3 + 0.5

@@ -25,15 +25,6 @@ from latentdist.evaluation import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny training loops run faster single-threaded (2 shared cores thrash otherwise)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _with_moments(rng: np.random.Generator, n: int, mu: np.ndarray, cov: np.ndarray) -> np.ndarray:
     """n points whose sample mean and (ddof=1) covariance are exactly mu and cov."""
     z = rng.normal(size=(n, len(mu)))

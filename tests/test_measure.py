@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from _cli import run_cli
 from scipy.stats import ortho_group
 
-from latentdist.cli import main
 from latentdist.estimator.fit import FitSettings, fit_ensemble
 from latentdist.generators.ensemble import GeneratorEnsemble
 
@@ -23,17 +23,6 @@ def gaussian_data(n: int, seed: int = 0):
     pca = centred @ vt[:2].T
     independent = rng.standard_normal((n, 2))
     return [a.astype(np.float32) for a in (x, pca, independent)]
-
-
-def run_cli(args, capsys):
-    """Run the CLI in-process: (exit code, stdout, stderr); 0 when it returns normally."""
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def measure_cli(tmp_path, capsys, latents, data, *extra):

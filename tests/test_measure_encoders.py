@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from _cli import run_cli
 
 from latentdist import load_data
-from latentdist.cli import main
 
 
 class TinyEncoder(torch.nn.Module):
@@ -26,12 +26,7 @@ class TinyEncoder(torch.nn.Module):
 
 
 def run(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
+    code, out, err = run_cli(args, capsys)
     assert code == 0, err
     return out
 
