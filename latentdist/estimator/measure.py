@@ -298,7 +298,7 @@ def measure(
     if cfg.generator == "linear" and critical is None and curve[0]["distance"]["mean"] <= epsilon:
         critical = 0
     t0 = time.perf_counter()
-    latent_info = _geometry(z_all, codebook, is_integer, cfg.seed, cfg.proxies)
+    latent_info = _geometry(z_all, codebook, is_integer, cfg.seed)
     t_geometry = time.perf_counter() - t0
 
     report = {
@@ -363,7 +363,7 @@ def _proxies(gens: list[torch.nn.Module], z_all: torch.Tensor, splits, latent_sh
     return out
 
 
-def _geometry(z: torch.Tensor, codebook, is_integer: bool, seed: int, full: bool) -> dict:
+def _geometry(z: torch.Tensor, codebook, is_integer: bool, seed: int) -> dict:
     from latentdist.proxies import latent_geometry
 
     info = latent_geometry(z, codebook=codebook, is_integer=is_integer, seed=seed)
