@@ -17,7 +17,9 @@ Three ways to fit g in G_c, each a different question (SPEC §1):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -43,29 +45,78 @@ class FitSettings:
     gradient_penalty: float = 10.0
 
 
+def _columns(cost: np.ndarray) -> np.ndarray:
+    return linear_sum_assignment(cost)[1]
+
+
+@lru_cache(maxsize=1)
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="latentdist-lsa")
+
+
 def assignment(cost: torch.Tensor) -> torch.Tensor:
-    """Exact OT plans between equal-size uniform batches: (M, B, B) costs -> (M, B) column indices."""
+    """Exact OT plans between equal-size uniform batches: (M, B, B) costs -> (M, B) column indices.
+
+    The M problems are independent and SciPy's solver releases the GIL, so they are solved on a
+    thread pool as wide as torch's intra-op pool: an advantage only a batched fit has.
+    """
     c = cost.detach().to("cpu", torch.float64).numpy()
-    return torch.as_tensor(np.stack([linear_sum_assignment(cm)[1] for cm in c]), device=cost.device)
+    workers = min(len(c), torch.get_num_threads())
+    cols = list(_pool(workers).map(_columns, c)) if workers > 1 else [_columns(m) for m in c]
+    return torch.as_tensor(np.stack(cols), device=cost.device)
+
+
+class _Envelope(torch.autograd.Function):
+    """value(fake) with a gradient computed beforehand: d value / d fake = ``grad``."""
+
+    @staticmethod
+    def forward(ctx, fake: torch.Tensor, value: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(grad)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_value: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_value.view(-1, *([1] * (grad.dim() - 1))), None, None
 
 
 def minibatch_ot_loss(
-    fake: torch.Tensor, real: torch.Tensor, cost: str = "sqeuclidean"
+    fake: torch.Tensor, real: torch.Tensor, slot: torch.Tensor, cost: str = "sqeuclidean"
 ) -> torch.Tensor:
-    """Per-member minibatch OT cost (M,) between (M, B, ...) samples, with envelope gradients."""
-    f, r = fake.flatten(2), real.flatten(2)
-    with torch.no_grad():  # |f|^2 + |r|^2 - 2 f.r: one batched matmul, faster than cdist on CPU
-        f32, r32 = f.float(), r.float()
-        c = torch.baddbmm(
-            f32.square().sum(-1)[:, :, None] + r32.square().sum(-1)[:, None],
-            f32,
-            r32.transpose(1, 2),
-            alpha=-2,
-        )
-    cols = assignment(c)
-    matched = torch.gather(r, 1, cols[..., None].expand_as(r))
-    sq = (f - matched).square().sum(-1)
-    return (sq if cost == "sqeuclidean" else sq.clamp_min(1e-12).sqrt()).mean(-1)
+    """Per-member minibatch OT cost (M,) between ``fake`` (M, B, ...) and ``real`` (S, B, ...).
+
+    Member m is matched against the data batch of its slot ``slot[m]``. The loss is
+    (1/B) sum_i c(f_i, x_sigma(i)) at the optimal assignment sigma; by the envelope theorem its
+    gradient is that of the matched cost with sigma held fixed (Fatras et al., 2020): for
+    c = |.|^2 it is (2/B)(f_i - x_sigma(i)), for c = |.| it is (f_i - x_sigma(i)) / (B |.|).
+    It is computed directly, without an autograd graph through the cost matrix.
+    """
+    m, b = fake.shape[:2]
+    f = fake.detach().flatten(2).float()
+    r = real.flatten(2).float()
+    with torch.no_grad():
+        # |f|^2 + |r|^2 - 2 f.r, one GEMM per data batch: no per-member copy of the data
+        f_sq = torch.linalg.vector_norm(f, dim=-1).square()
+        r_sq = torch.linalg.vector_norm(r, dim=-1).square()
+        c = torch.empty(m, b, b, device=f.device)
+        for s in range(r.shape[0]):
+            idx = (slot == s).nonzero().squeeze(1)
+            if len(idx):
+                f_s = f.index_select(0, idx).flatten(0, 1)
+                gram = torch.mm(f_s, r[s].T).view(len(idx), b, b)
+                c[idx] = gram.mul_(-2).add_(f_sq[idx, :, None]).add_(r_sq[s])
+        cols = assignment(c if cost == "sqeuclidean" else c.clamp_min_(0).sqrt_())
+        # index_select and in-place ops: fresh (M, B, D) buffers cost page faults on CPU
+        flat = (slot[:, None] * b + cols).flatten()  # rows of r.flatten(0, 1) matched to f
+        diff = r.flatten(0, 1).index_select(0, flat).view_as(f)
+        diff = torch.sub(f, diff, out=diff)
+        dist = torch.linalg.vector_norm(diff, dim=-1)
+        if cost == "sqeuclidean":
+            value, grad = dist.square().mean(-1), diff.mul_(2.0 / b)
+        else:
+            value = dist.mean(-1)
+            grad = diff.div_(dist.clamp_min(1e-12).mul(b)[..., None])
+    return _Envelope.apply(fake, value, grad.reshape(fake.shape).to(fake.dtype))
 
 
 class CriticEnsemble(nn.Module):
@@ -157,7 +208,9 @@ def fit_ensemble(
             z, x = latents[rows][slot_t], data[rows][slot_t]
         else:
             z = latents[draw(train_z)][slot_t]
-            x = data[draw(train_x)][slot_t]
+            x = data[draw(train_x)]  # (slots, B, ...): members index it by slot
+            if adversarial:
+                x = x[slot_t]
         if adversarial:
             for _ in range(settings.critic_steps):
                 with torch.no_grad():
@@ -169,7 +222,7 @@ def fit_ensemble(
                 z = latents[draw(train_z)][slot_t]
             per_member = -critic(ensemble(z)).mean(-1)
         elif settings.fit == "ot":
-            per_member = minibatch_ot_loss(ensemble(z), x, settings.cost)
+            per_member = minibatch_ot_loss(ensemble(z), x, slot_t, settings.cost)
         else:
             per_member = (ensemble(z) - x).flatten(2).square().sum(-1).mean(-1)
         opt.zero_grad(set_to_none=True)

@@ -26,7 +26,7 @@ from latentdist.errors import UsageError
 from latentdist.estimator.fit import FITS, FitSettings, fit_ensemble
 from latentdist.estimator.split import default_n_eval, make_split
 from latentdist.estimator.stats import mean_ci
-from latentdist.generators.ensemble import GeneratorEnsemble
+from latentdist.generators.ensemble import GeneratorEnsemble, default_bucket_ratio
 from latentdist.generators.modules import FAMILIES, upsampling_factor
 
 METRICS = ("w1", "w2", "sinkhorn", "mmd", "sliced")
@@ -232,6 +232,7 @@ def measure(
         member_caps,
         [seeds[i] for i in member_slot],
         cfg.depth,
+        bucket_ratio=default_bucket_ratio(device),
     ).to(device)
     fit_settings = FitSettings(
         fit=cfg.fit,

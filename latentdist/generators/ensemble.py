@@ -21,10 +21,14 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from latentdist.generators.modules import count_params, make_generator
 
-# Members of capacities within this factor share a padded bucket. On CPU one bucket for the
-# whole sweep is fastest (fewest kernel launches: benchmarks/bench_sweep.py); on a GPU with very
-# wide generators a smaller ratio (e.g. 2) avoids computing padding.
-BUCKET_RATIO = float("inf")
+# Members of capacities within this factor share a padded bucket. On CPU, fitting is bound by
+# arithmetic, so padding is pure waste: one bucket per capacity (ratio 1) is fastest
+# (benchmarks/bench_sweep.py). On a GPU, kernel launches dominate small generators: one bucket.
+BUCKET_RATIO = {"cpu": 1.0, "cuda": float("inf")}
+
+
+def default_bucket_ratio(device: torch.device | str) -> float:
+    return BUCKET_RATIO.get(torch.device(device).type, 1.0)
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ def _member_seed(seed: int, capacity: int | None) -> int:
     return (seed * 1_000_003 + (capacity or 0) * 7919) % (2**31)
 
 
-def buckets(capacities: Sequence[int | None], ratio: float = BUCKET_RATIO) -> list[list[int]]:
+def buckets(capacities: Sequence[int | None], ratio: float = 1.0) -> list[list[int]]:
     """Group member indices (in order) into runs whose capacities stay within ``ratio`` of the first."""
     groups: list[list[int]] = []
     for i, c in enumerate(capacities):
@@ -107,7 +111,9 @@ class _Bucket(nn.Module):
 class GeneratorEnsemble(nn.Module):
     """``len(members)`` generators of one family; ``forward(z)`` maps (M, B, *latent) -> (M, B, *data).
 
-    ``capacities[m]``/``seeds[m]`` describe member m. ``bucket_ratio=None`` gives every member a
+    ``capacities[m]``/``seeds[m]`` describe member m. Members whose capacities lie within
+    ``bucket_ratio`` of each other share a padded bucket (1: one bucket per capacity, inf: one
+    for all; ``default_bucket_ratio(device)`` picks the faster). ``None`` gives every member a
     bucket of its own (no vectorisation: the sequential reference of the benchmark).
     """
 
@@ -119,7 +125,7 @@ class GeneratorEnsemble(nn.Module):
         capacities: Sequence[int | None],
         seeds: Sequence[int],
         depth: int = 2,
-        bucket_ratio: float | None = BUCKET_RATIO,
+        bucket_ratio: float | None = 1.0,
     ):
         super().__init__()
         self.family, self.depth = family, depth
