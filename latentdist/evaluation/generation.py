@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import linalg
 from sklearn.decomposition import PCA
 from sklearn.mixture import GaussianMixture
 from sklearn.neighbors import NearestNeighbors
@@ -60,24 +59,19 @@ def frechet_distance_gaussians(
 ) -> float:
     """Frechet (= W2^2) distance between N(mu_a, cov_a) and N(mu_b, cov_b) (Dowson & Landau 1982).
 
-    FD = |mu_a - mu_b|^2 + Tr(cov_a + cov_b - 2 (cov_a cov_b)^{1/2}), with the matrix square
-    root from ``scipy.linalg.sqrtm``. Tiny imaginary parts (round-off on near-singular products)
-    are dropped; if sqrtm fails or leaves a non-negligible imaginary part, the trace is taken
-    from the eigenvalues of the PSD matrix cov_a^{1/2} cov_b cov_a^{1/2}, which has the same
-    square-root trace.
+    FD = |mu_a - mu_b|^2 + Tr(cov_a + cov_b - 2 (cov_a cov_b)^{1/2}). The trace of the square
+    root is taken from the eigenvalues of the symmetric PSD matrix cov_a^{1/2} cov_b cov_a^{1/2},
+    which has the same square-root trace as cov_a cov_b and, unlike ``scipy.linalg.sqrtm`` of the
+    non-symmetric product, stays exact and real when the covariances are singular (few samples).
     """
     mu_a, mu_b = np.atleast_1d(mu_a).astype(np.float64), np.atleast_1d(mu_b).astype(np.float64)
     cov_a, cov_b = np.atleast_2d(cov_a).astype(np.float64), np.atleast_2d(cov_b).astype(np.float64)
-    covmean = linalg.sqrtm(cov_a @ cov_b)
-    scale = max(np.abs(cov_a).max(), np.abs(cov_b).max(), 1e-300)
-    if np.isfinite(covmean).all() and np.abs(np.imag(covmean)).max() <= 1e-6 * scale:
-        tr_covmean = float(np.trace(np.real(covmean)))
-    else:
-        w, v = np.linalg.eigh(cov_a)
-        root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-        tr_covmean = float(
-            np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ cov_b @ root_a), 0, None)).sum()
-        )
+    w, v = np.linalg.eigh(cov_a)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    product = root_a @ cov_b @ root_a
+    tr_covmean = float(
+        np.sqrt(np.clip(np.linalg.eigvalsh((product + product.T) / 2), 0, None)).sum()
+    )
     diff = mu_a - mu_b
     return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * tr_covmean)
 
