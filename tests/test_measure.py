@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -384,3 +387,23 @@ def test_latent_on_a_plane_reports_its_geometry(tmp_path, capsys):
     assert geometry["intrinsic_dim"]["twonn"] == pytest.approx(2, abs=0.5)
     assert geometry["intrinsic_dim"]["mle"] == pytest.approx(2, abs=0.5)
     assert geometry["effective_rank"] <= 2.5
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_assignment_pool_survives_fork():
+    """A forked child (e.g. a DataLoader worker) inherits the pool object but not its threads;
+    the solver must not wait forever on them."""
+    script = (
+        "import os, torch\n"
+        "from latentdist.estimator.fit import assignment\n"
+        "torch.set_num_threads(2)\n"
+        "c = torch.rand(4, 16, 16)\n"
+        "a = assignment(c)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    os._exit(0 if torch.equal(assignment(c), a) else 1)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "raise SystemExit(os.waitstatus_to_exitcode(status))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], timeout=120)
+    assert done.returncode == 0

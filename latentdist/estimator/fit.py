@@ -16,6 +16,7 @@ Three ways to fit g in G_c, each a different question (SPEC §1):
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,7 +51,8 @@ def _columns(cost: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=1)
-def _pool(workers: int) -> ThreadPoolExecutor:
+def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
+    # keyed by process id: a forked child inherits the pool object but not its threads
     return ThreadPoolExecutor(workers, thread_name_prefix="latentdist-lsa")
 
 
@@ -68,7 +70,11 @@ def assignment(cost: torch.Tensor) -> torch.Tensor:
     c = c - c.min(1, keepdims=True)
     c -= c.min(2, keepdims=True)
     workers = min(len(c), torch.get_num_threads())
-    cols = list(_pool(workers).map(_columns, c)) if workers > 1 else [_columns(m) for m in c]
+    cols = (
+        list(_pool(workers, os.getpid()).map(_columns, c))
+        if workers > 1
+        else [_columns(m) for m in c]
+    )
     return torch.as_tensor(np.stack(cols), device=cost.device)
 
 
