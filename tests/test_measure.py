@@ -13,6 +13,7 @@ from _cli import run_cli
 from scipy.optimize import linear_sum_assignment
 from scipy.stats import ortho_group
 
+from latentdist import load_data, measure
 from latentdist.estimator.fit import FitSettings, fit_ensemble, minibatch_ot_loss
 from latentdist.generators.ensemble import GeneratorEnsemble
 
@@ -156,8 +157,6 @@ def test_report_contract(tmp_path, capsys):
 def test_nested_family_gives_non_increasing_curve():
     """Data made by a width-12 ReLU teacher: the nested mlp family's distance falls with capacity
     and reaches the floor once the capacity suffices."""
-    from latentdist import measure
-
     torch.manual_seed(0)
     teacher = torch.nn.Sequential(torch.nn.Linear(2, 12), torch.nn.ReLU(), torch.nn.Linear(12, 4))
     z = torch.randn(4000, 2)
@@ -308,8 +307,6 @@ def test_bad_input_one_line_exit_2_no_files(tmp_path, capsys, args, fragment):
 
 def test_large_memory_mapped_data_is_not_read_whole(tmp_path):
     """Only the rows the splits use are loaded from a memory-mapped .npy."""
-    from latentdist import load_data, measure
-
     rng = np.random.default_rng(0)
     np.save(tmp_path / "x.npy", rng.standard_normal((20000, 4)).astype(np.float32))
     np.save(tmp_path / "z.npy", rng.standard_normal((20000, 2)).astype(np.float32))
@@ -407,3 +404,20 @@ def test_assignment_pool_survives_fork():
     )
     done = subprocess.run([sys.executable, "-c", script], timeout=120)
     assert done.returncode == 0
+
+
+def test_below_floor_is_flagged_and_mmd_separates():
+    """x ~ N(0, I_200), a 2-d latent, linear generators: the best W2 is sqrt(198) = 14.07 (the
+    plane holds 2 of 200 unit variances), yet the W2 floor between two samples of 300 is larger
+    (about sqrt(2 * 200) before matching), so w2 scores the generator below the floor and the
+    report says so; unbiased MMD puts the same generator far above its floor (about 0)."""
+    torch.manual_seed(0)
+    x, z = torch.randn(1200, 200), torch.randn(1200, 2)
+    common = dict(generator="linear", fit="ot", seeds=2, n_eval=300, steps=200, proxies=False)
+    w2 = measure(z, x, metric="w2", progress=False, **common).report
+    assert w2["curve"][0]["distance"]["mean"] == pytest.approx(math.sqrt(198), rel=0.02)
+    assert w2["curve"][0]["distance"]["ci"][1] < w2["floor"]["ci"][0]
+    assert w2["monotone"] and len(w2["warnings"]) == 1 and "below the floor" in w2["warnings"][0]
+    mmd = measure(z, x, metric="mmd", progress=False, **common).report
+    assert mmd["curve"][0]["distance"]["ci"][0] > mmd["floor"]["ci"][1]
+    assert not mmd["warnings"]
