@@ -361,6 +361,7 @@ def compare(
             gen=gen,
         )
         run = s.run or {}
+        warnings += [f"{s.name}: {w}" for w in m.report["warnings"]]
         results.append(
             {
                 "name": s.name,
