@@ -118,7 +118,8 @@ def minibatch_ot_loss(
                 gram = torch.mm(f_s, r[s].T).view(len(idx), b, b)
                 c[idx] = gram.mul_(-2).add_(f_sq[idx, :, None]).add_(r_sq[s])
         cols = assignment(c if cost == "sqeuclidean" else c.clamp_min_(0).sqrt_())
-        # index_select and in-place ops: fresh (M, B, D) buffers cost page faults on CPU
+        # index_select and in-place ops: on CPU several times faster here than fancy indexing
+        # and fresh (M, B, D) buffers
         flat = (slot[:, None] * b + cols).flatten()  # rows of r.flatten(0, 1) matched to f
         diff = r.flatten(0, 1).index_select(0, flat).view_as(f)
         diff = torch.sub(f, diff, out=diff)
