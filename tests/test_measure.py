@@ -12,6 +12,7 @@ import torch
 from _cli import run_cli
 from scipy.optimize import linear_sum_assignment
 from scipy.stats import ortho_group
+from torch.func import functional_call, vmap
 
 from latentdist import load_data, measure
 from latentdist.estimator.fit import FitSettings, fit_ensemble, minibatch_ot_loss
@@ -184,22 +185,44 @@ def test_nested_family_gives_non_increasing_curve():
     assert r["critical_capacity"]["capacity"] in (4, 32)
 
 
-@pytest.mark.parametrize("fit", ["paired", "ot"])
-def test_batched_fitting_equals_sequential_fitting(fit):
+@pytest.mark.parametrize(
+    ("fit", "family", "latent", "data"),
+    [
+        ("paired", "mlp", (3,), (5,)),
+        ("ot", "mlp", (3,), (5,)),
+        ("ot", "conv", (2, 2, 2), (1, 4, 4)),
+    ],
+)
+def test_batched_fitting_equals_sequential_fitting(fit, family, latent, data):
     """One vectorised ensemble trains each member exactly as if it were trained alone."""
     torch.manual_seed(0)
-    z, x = torch.randn(600, 3), torch.randn(600, 5)
+    z, x = torch.randn(600, *latent), torch.randn(600, *data)
     caps, seeds = [2, 2, 7, 7], [0, 1, 0, 1]
     rows = [torch.arange(600), torch.arange(600)]
     settings = FitSettings(fit=fit, steps=25, batch_size=64, lr=1e-2)
     results = []
     for ratio in (float("inf"), None):  # all padded into one bucket vs one member at a time
-        ens = GeneratorEnsemble("mlp", (3,), (5,), caps, seeds, depth=2, bucket_ratio=ratio)
+        ens = GeneratorEnsemble(family, latent, data, caps, seeds, depth=2, bucket_ratio=ratio)
         fit_ensemble(ens, z, x, rows, rows, [0, 1, 0, 1], settings, seed=3, progress=False)
         results.append([ens.export(m) for m in range(4)])
     for g_batched, g_alone in zip(*results, strict=True):
         for p, q in zip(g_batched.parameters(), g_alone.parameters(), strict=True):
             torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("family", "latent", "data"), [("mlp", (3,), (5,)), ("conv", (2, 2, 2), (1, 4, 4))]
+)
+def test_member_loop_equals_vmap(family, latent, data):
+    """CPU conv buckets call their members in turn; GPUs vmap them: both compute the same."""
+    torch.manual_seed(0)
+    ens = GeneratorEnsemble(
+        family, latent, data, [2, 5], [0, 1], depth=1, bucket_ratio=float("inf")
+    )
+    bucket, z = ens.buckets[0], torch.randn(2, 16, *latent)
+    params = dict(zip(bucket.names, bucket.weights, strict=True))
+    vmapped = vmap(lambda p, zb: functional_call(bucket.template[0], p, (zb,)))(params, z)
+    torch.testing.assert_close(ens(z), vmapped)
 
 
 @pytest.mark.parametrize("cost", ["sqeuclidean", "euclidean"])

@@ -65,6 +65,7 @@ def buckets(capacities: Sequence[int | None], ratio: float = 1.0) -> list[list[i
 class _Bucket(nn.Module):
     def __init__(self, family, latent_shape, data_shape, capacities, seeds, depth):
         super().__init__()
+        self.family = family
         widest = None if family == "linear" else max(capacities)
         # a tuple keeps the meta-device template out of the module tree (it holds no data)
         self.template = (
@@ -98,7 +99,17 @@ class _Bucket(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         params = dict(zip(self.names, self.weights, strict=True))
-        return vmap(lambda p, zb: functional_call(self.template[0], p, (zb,)))(params, z)
+        call = self.template[0]
+        if self.family == "conv" and z.device.type == "cpu":
+            # vmap turns per-member convolutions into grouped ones, which PyTorch's CPU kernels
+            # run 2-3x slower than one plain call per member on the same stacked parameters
+            return torch.stack(
+                [
+                    functional_call(call, {n: w[i] for n, w in params.items()}, (z[i],))
+                    for i in range(len(z))
+                ]
+            )
+        return vmap(lambda p, zb: functional_call(call, p, (zb,)))(params, z)
 
     def mask_gradients(self) -> None:
         if not self.padded:
