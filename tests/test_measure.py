@@ -285,6 +285,7 @@ def test_padding_stays_zero_and_export_matches():
         (["--latents", "{z}", "--data", "{x}", "--n-eval", "500"], "--n-eval"),
         (["--latents", "{z}", "--data", "{x}", "--capacities", "4,x"], "--capacities"),
         (["--latents", "{z}", "--data", "{x}", "--capacities", "0,4"], "--capacities"),
+        (["--latents", "{z}", "--data", "{x}", "--threads", "0"], "--threads"),
         (["--latents", "{z}", "--data", "{x}", "--generator", "conv"], "conv generator"),
         (["--latents", "{z}", "--data", "{x}", "--metric", "kl"], "--metric"),
         (["--latents", "{z}", "--data", "{x}", "--seeds", "0"], "--seeds"),

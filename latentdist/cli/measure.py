@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+import torch
 
 from latentdist.cli_context import CONTEXT
 from latentdist.errors import UsageError
@@ -112,6 +113,13 @@ def measurement_options(f):
             show_default=True,
         ),
         click.option("--seed", type=int, default=0, show_default=True, help="First seed."),
+        click.option(
+            "--threads",
+            type=int,
+            default=None,
+            help="CPU threads for torch and for the assignment solver [default: torch's "
+            "choice]. On a shared machine fewer threads can be many times faster.",
+        ),
     ]
     for option in reversed(options):
         f = option(f)
@@ -119,6 +127,11 @@ def measurement_options(f):
 
 
 def config_from_options(o: dict) -> MeasureConfig:
+    """The validated measurement configuration; also applies ``--threads`` to this process."""
+    if o["threads"] is not None:
+        if o["threads"] < 1:
+            raise UsageError(f"--threads {o['threads']}: expected a positive integer")
+        torch.set_num_threads(o["threads"])
     return MeasureConfig(
         generator=o["generator"],
         capacities=parse_capacities(o["capacities"]),
