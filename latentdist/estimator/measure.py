@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from latentdist.device import resolve_device
 from latentdist.errors import UsageError
@@ -261,7 +262,13 @@ def measure(
     distances: dict[int | None, list[float]] = {c: [] for c in caps}
     generators: dict[int | None, list[torch.nn.Module]] = {c: [] for c in caps}
     recon: dict[int | None, list[float]] = {c: [] for c in caps}
-    for m, (cap, slot) in enumerate(zip(member_caps, member_slot, strict=True)):
+    members = tqdm(
+        list(enumerate(zip(member_caps, member_slot, strict=True))),
+        desc=f"evaluate {cfg.metric}",
+        disable=not progress,
+        leave=False,
+    )
+    for m, (cap, slot) in members:
         g = ensemble.export(m)
         with torch.no_grad():
             fake = torch.cat([g(zb) for zb in z_all[splits[slot].eval_z].split(4096)])
@@ -280,7 +287,7 @@ def measure(
     # --- proxies on the fitted generators, geometry of the latent
     t0 = time.perf_counter()
     curve = []
-    for cap in caps:
+    for cap in tqdm(caps, desc="proxies", disable=not (progress and cfg.proxies), leave=False):
         entry: dict[str, Any] = {
             "capacity": cap,
             "params": ensemble.members[member_caps.index(cap)].params,
