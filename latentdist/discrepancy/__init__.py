@@ -108,7 +108,7 @@ def w1(x: Array, y: Array) -> float:
     """Exact 1-Wasserstein distance between the empirical measures of ``x`` and ``y``.
 
     W1 = min_{P in U(1/n, 1/m)} sum_ij P_ij |x_i - y_j|  (Euclidean ground cost; Villani 2009),
-    solved exactly (``_exact_ot``: assignment for n == m, POT ``ot.emd2`` otherwise).
+    solved exactly by POT's network simplex (``_exact_ot``).
     """
     xt, yt = _pair(x, y)
     return _exact_ot(_sq_dists(xt, yt).sqrt_().numpy())
