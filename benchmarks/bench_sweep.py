@@ -39,26 +39,26 @@ def fit_time(z, x, caps, seeds, steps, device, bucket_ratio, fit="ot") -> float:
     rows_z = [sp.train_z.to(device) for sp in splits]
     rows_x = [sp.train_x.to(device) for sp in splits]
     settings = FitSettings(fit=fit, steps=steps, batch_size=256, lr=2e-3)
-    ens = GeneratorEnsemble(
-        "mlp",
-        (z.shape[1],),
-        tuple(x.shape[1:]),
-        [c for c, _ in members],
-        [s for _, s in members],
-        depth=2,
-        bucket_ratio=bucket_ratio,
-    ).to(device)
+
+    def ensemble(caps_seeds, ratio):
+        c, s = zip(*caps_seeds, strict=True)
+        shapes = ((z.shape[1],), tuple(x.shape[1:]))
+        return GeneratorEnsemble("mlp", *shapes, c, s, depth=2, bucket_ratio=ratio).to(device)
+
+    # models are built before the clock starts, in both modes
+    if bucket_ratio is None:  # the sequential reference: one member at a time, same total steps
+        singles = [ensemble([member], None) for member in members]
+    else:
+        batched = ensemble(members, bucket_ratio)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    if bucket_ratio is None:  # the sequential reference: one member at a time, same total steps
-        for m, (c, s) in enumerate(members):
-            one = GeneratorEnsemble("mlp", (z.shape[1],), tuple(x.shape[1:]), [c], [s], depth=2).to(
-                device
-            )
+    if bucket_ratio is None:
+        for m, (one, (_, s)) in enumerate(zip(singles, members, strict=True)):
             fit_ensemble(one, z, x, [rows_z[s]], [rows_x[s]], [0], settings, seed=m, progress=False)
     else:
-        fit_ensemble(ens, z, x, rows_z, rows_x, [s for _, s in members], settings, progress=False)
+        slots = [s for _, s in members]
+        fit_ensemble(batched, z, x, rows_z, rows_x, slots, settings, progress=False)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
