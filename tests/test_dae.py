@@ -419,3 +419,29 @@ def test_compiled_model_tracks_eager(tmp_path):
     train(tiny(tmp_path / "compiled", compile=True, **kw))
     a, b = metrics(tmp_path / "eager"), metrics(tmp_path / "compiled")
     np.testing.assert_allclose([m["loss"] for m in b], [m["loss"] for m in a], rtol=1e-3)
+
+
+@pytest.mark.parametrize("preload", [True, False])
+def test_train_data_normalises_on_the_models_device(monkeypatch, preload):
+    """The normaliser's buffers sit on the training device (cuda there): data moves first.
+
+    The meta device stands in for a GPU, so CI without one catches a CPU tensor meeting them.
+    """
+    import importlib
+
+    from latentdist.dae.models import data_statistics
+
+    train_module = importlib.import_module("latentdist.dae.train")  # the package re-exports train()
+
+    if not preload:
+        monkeypatch.setattr(train_module, "_PRELOAD_BYTES", 0)
+    src = load_data("digits")
+    idx = np.arange(100)
+    shift, scale = data_statistics(src.take(idx), src.kind)
+    models = build_models(TrainConfig(), src.sample_shape, src.kind, shift, scale)
+    data = train_module.TrainData(
+        src, idx, models.normalize.to("meta"), torch.device("meta"), False
+    )
+    assert (data.tensor is not None) == preload
+    x = data(np.arange(5))
+    assert x.device.type == "meta" and x.shape == (5, *src.sample_shape)

@@ -284,16 +284,16 @@ class TrainData:
         self.channels_last = channels_last
         self.tensor = None
         if len(idx) * math.prod(src.sample_shape) * 4 <= _PRELOAD_BYTES:
-            with torch.no_grad():
-                self.tensor = normalize(src.take(idx)).to(device)
+            with torch.no_grad():  # normalize's buffers live on ``device``: move, then map
+                self.tensor = normalize(src.take(idx).to(device))
 
     def __call__(self, local: np.ndarray) -> torch.Tensor:
         if self.tensor is not None:
             x = self.tensor[torch.from_numpy(local).to(self.device)]
         else:
             with torch.no_grad():
-                x = self.normalize(self.src.take(self.idx[local])).to(
-                    self.device, non_blocking=True
+                x = self.normalize(
+                    self.src.take(self.idx[local]).to(self.device, non_blocking=True)
                 )
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
