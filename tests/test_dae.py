@@ -445,3 +445,19 @@ def test_train_data_normalises_on_the_models_device(monkeypatch, preload):
     assert (data.tensor is not None) == preload
     x = data(np.arange(5))
     assert x.device.type == "meta" and x.shape == (5, *src.sample_shape)
+
+
+def test_models_to_moves_every_network_the_denormaliser_too():
+    """``denormalize`` is not in ``named()`` (checkpoint keys) but evaluation runs it on the
+    device; on CUDA a CPU copy of its buffers stopped every run at its final evaluation."""
+    src = load_data("digits")
+    x = src.take(np.arange(50))
+    from latentdist.dae.models import data_statistics
+
+    shift, scale = data_statistics(x, src.kind)
+    cfg = TrainConfig(mode="dae", disc_weight=0.5)
+    models = build_models(cfg, src.sample_shape, src.kind, shift, scale)
+    models.to(torch.device("meta"), channels_last=True)
+    mods = [*models.named().values(), models.denormalize]
+    assert all(t.device.type == "meta" for m in mods for t in [*m.parameters(), *m.buffers()])
+

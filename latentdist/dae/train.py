@@ -104,6 +104,15 @@ class Models:
         }
         return {k: v for k, v in mods.items() if v is not None}
 
+    def to(self, device: torch.device, channels_last: bool = False) -> Models:
+        """Move every network to ``device``, ``denormalize`` too (it has no entry in ``named``:
+        its buffers are ``normalize``'s, so checkpoints do not hold them twice)."""
+        for m in (*self.named().values(), self.denormalize):
+            m.to(device)
+            if channels_last:
+                m.to(memory_format=torch.channels_last)
+        return self
+
 
 def build_models(
     config: TrainConfig,
@@ -531,10 +540,7 @@ def _train(config: TrainConfig, device: torch.device, info: dist_util.DistInfo) 
         config.channels_last if config.channels_last is not None else device.type == "cuda"
     )
     channels_last = channels_last and src.kind == "images"
-    for m in models.named().values():
-        m.to(device)
-        if channels_last:
-            m.to(memory_format=torch.channels_last)
+    models.to(device, channels_last)
     torch.manual_seed(config.seed + info.rank)  # per-process noise (dropout, KL samples)
     perceptual = PerceptualLoss(config.perceptual, device) if config.perceptual else None
     data = TrainData(src, train_idx, models.normalize, device, channels_last)
