@@ -179,7 +179,7 @@ def phase_resume() -> None:
     from safetensors.torch import load_file
 
     data = "digits" if QUICK else "mnist5k"
-    s1, s2 = ("20", "20") if QUICK else ("300", "300")
+    s1, s2 = os.environ.get("RESUME_STEPS", "20,20" if QUICK else "300,300").split(",")
     table = {}
     for prec in os.environ.get("RESUME_PRECISIONS", "fp32,bf16").split(","):
         flags = ["--data", data, "--mode", "dae", "--bottleneck", "kl", "--precision", prec,
