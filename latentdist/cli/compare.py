@@ -59,7 +59,7 @@ from latentdist.errors import UsageError
 @click.option(
     "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
 )
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--no-progress", "--quiet", "quiet", is_flag=True, help="No progress bars.")
 def compare(**o) -> None:
     """Compare train-dae runs (and external encoder/decoder pairs) head to head.
 

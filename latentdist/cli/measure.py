@@ -189,7 +189,7 @@ def config_from_options(o: dict) -> MeasureConfig:
 @click.option(
     "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
 )
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--no-progress", "--quiet", "quiet", is_flag=True, help="No progress bars.")
 def measure(**o) -> None:
     """Estimate the latent-data distance D_c(P_z; P_x) over a capacity sweep.
 

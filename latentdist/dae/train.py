@@ -624,7 +624,7 @@ def _train(config: TrainConfig, device: torch.device, info: dist_util.DistInfo) 
     example = src.take(val_idx[:2] if len(val_idx) else train_idx[:2])
     bar = None
     if info.is_main and config.progress:
-        from tqdm.auto import tqdm
+        from latentdist._progress import progress_bar as tqdm
 
         bar = tqdm(
             total=config.total_steps,

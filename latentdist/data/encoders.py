@@ -79,7 +79,7 @@ class Encoder:
         ``sample=True``), so a run is reproducible for a given seed and batch size. A shape or
         dtype the encoder cannot take, or latents with NaN/Inf, raise a one-line UsageError.
         """
-        from tqdm.auto import tqdm
+        from latentdist._progress import progress_bar as tqdm
 
         if batch_size < 1:
             raise UsageError(f"--batch-size {batch_size}: expected a positive integer")
