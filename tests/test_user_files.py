@@ -11,6 +11,7 @@ import pytest
 import torch
 from _cli import run_cli
 from PIL import Image
+from test_encoders import _tiny_config
 
 from latentdist._io import atomic_open, save_json, save_text
 from latentdist._progress import LogBar, progress_bar
@@ -100,18 +101,8 @@ MEAN, STD = [0.1, -0.2, 0.3, 0.05], [0.5, 2.0, 1.5, 0.8]
 
 def _tiny_vae(diffusers, **stats):
     torch.manual_seed(2)
-    return diffusers.AutoencoderKL(
-        in_channels=1,
-        out_channels=1,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,  # SDXL's pipeline views its statistics as (1, 4, 1, 1)
-        norm_num_groups=4,
-        sample_size=8,
-        **stats,
-    ).eval()
+    # 4 latent channels: SDXL's pipeline views its statistics as (1, 4, 1, 1)
+    return diffusers.AutoencoderKL(**{**_tiny_config(), "latent_channels": 4}, **stats).eval()
 
 
 @pytest.fixture(scope="module")
