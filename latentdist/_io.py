@@ -1,6 +1,8 @@
 """Atomic writes: write to a temporary file in the target folder, fsync, then rename.
 
-An interrupted run therefore never leaves a half-written report or checkpoint (SPEC §5).
+An interrupted run therefore never leaves a half-written report or checkpoint (SPEC §5). The
+file gets the permissions an ordinary ``open()`` would give it, ``0o666 & ~umask`` (a temporary
+file starts private, 0600, so its mode is set before the rename).
 """
 
 from __future__ import annotations
@@ -10,18 +12,34 @@ import json
 import math
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting and restoring it, under a lock)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
-    """Open a temporary sibling of ``path`` for writing; rename it onto ``path`` on success."""
+    """Open a temporary sibling of ``path`` for writing; rename it onto ``path`` on success.
+
+    The file's mode is ``0o666 & ~umask``, as ``open(path, "w")`` would create it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if hasattr(os, "fchmod"):  # POSIX
+            os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
-from latentdist.cli.measure import config_from_options, measurement_options
+from latentdist.cli.measure import config_from_options, image_options_of, measurement_options
 from latentdist.cli_context import CONTEXT
+from latentdist.data.files import image_options
 from latentdist.errors import UsageError
 
 
@@ -25,6 +26,7 @@ from latentdist.errors import UsageError
     metavar="PATH_OR_NAME",
     help="Data: an array file, a folder of images, or a built-in name (digits, mnist5k).",
 )
+@image_options
 @click.option(
     "--out", required=True, type=click.Path(), help="Write compare.json, report.md, PNGs."
 )
@@ -59,7 +61,7 @@ from latentdist.errors import UsageError
 @click.option(
     "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
 )
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--no-progress", "--quiet", "quiet", is_flag=True, help="No progress bars.")
 def compare(**o) -> None:
     """Compare train-dae runs (and external encoder/decoder pairs) head to head.
 
@@ -75,9 +77,14 @@ def compare(**o) -> None:
     if not specs:
         raise UsageError("compare: give at least one RUN_DIR or --pair NAME:ENCODER:DECODER")
     cfg = config_from_options(o)
+    data = o["data"]
+    if o["channels"] != "auto" or o["resize"]:
+        from latentdist.data import load_data
+
+        data = load_data(data, trust_pickle=o["trust_pickle"], image=image_options_of(o))
     result = run_compare(
         specs,
-        o["data"],
+        data,
         measure_config=cfg,
         gen_seeds=o["gen_seeds"],
         features=o["features"],

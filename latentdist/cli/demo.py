@@ -87,7 +87,7 @@ def train_demo_run(
 @click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
 )
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--no-progress", "--quiet", "quiet", is_flag=True, help="No progress bars.")
 def demo(out: str, data: str, steps: int, fresh: bool, device: str, quiet: bool) -> None:
     """Train a DAE and the joint baseline on MNIST-5k, compare them, print the table.
 

@@ -6,6 +6,7 @@ import click
 import torch
 
 from latentdist.cli_context import CONTEXT
+from latentdist.data.files import ImageOptions, image_options, parse_size
 from latentdist.errors import UsageError
 from latentdist.estimator.fit import FITS
 from latentdist.estimator.measure import DEFAULT_CAPACITIES, METRICS, MeasureConfig
@@ -186,12 +187,20 @@ def config_from_options(o: dict) -> MeasureConfig:
     metavar="PATH_OR_NAME",
     help="Data: an array file, a folder of images, or a built-in name (digits, mnist5k).",
 )
+@image_options
 @click.option("--arch", metavar="MODULE:FACTORY", help="Architecture for a state-dict encoder.")
 @click.option("--arch-kwargs", metavar="JSON", help="Keyword arguments for --arch, as JSON.")
 @click.option(
     "--sample",
     is_flag=True,
     help="diffusers AutoencoderKL: draw from the posterior (default: its mean).",
+)
+@click.option(
+    "--latent-norm/--no-latent-norm",
+    default=True,
+    show_default=True,
+    help="diffusers AutoencoderKL: normalise the latent as diffusers pipelines do (latents_mean/"
+    "latents_std, or shift_factor, and scaling_factor from its config) or keep it raw.",
 )
 @click.option(
     "--codebook",
@@ -207,7 +216,7 @@ def config_from_options(o: dict) -> MeasureConfig:
 @click.option(
     "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
 )
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--no-progress", "--quiet", "quiet", is_flag=True, help="No progress bars.")
 def measure(**o) -> None:
     """Estimate the latent-data distance D_c(P_z; P_x) over a capacity sweep.
 
@@ -221,18 +230,31 @@ def measure(**o) -> None:
     if bool(o["encoder"]) == bool(o["latents"]):
         raise UsageError("give exactly one of --encoder PATH or --latents PATH")
     cfg = config_from_options(o)
-    data = load_data(o["data"], trust_pickle=o["trust_pickle"])
-    latents, codebook = load_latents(o, data, cfg.device)
+    data = load_data(o["data"], trust_pickle=o["trust_pickle"], image=image_options_of(o))
+    encoder_info: dict = {}
+    latents, codebook = load_latents(o, data, cfg.device, encoder_info)
     result = run_measure(latents, data, cfg, codebook=codebook, progress=not o["quiet"])
+    if encoder_info:
+        result.report["encoder"] = encoder_info
     if o["out"]:
         result.save(o["out"])
     click.echo(result.to_json() if o["fmt"] == "json" else result.table())
+    if o["fmt"] == "table" and encoder_info.get("normalisation"):
+        click.echo(f"latent normalisation: {encoder_info['normalisation']}")
     if o["out"] and o["fmt"] == "table":
         click.echo(f"wrote {o['out']}/measure.json, curve.csv, curve.png")
 
 
-def load_latents(o: dict, data, device: str):
-    """Latents from ``--latents`` or by encoding the data with ``--encoder``; and a codebook if any."""
+def image_options_of(o: dict) -> ImageOptions:
+    """``--channels`` / ``--resize`` as the ``ImageOptions`` of ``load_data``."""
+    return ImageOptions(o["channels"], parse_size(o["resize"]))
+
+
+def load_latents(o: dict, data, device: str, info: dict | None = None):
+    """Latents from ``--latents`` or by encoding the data with ``--encoder``; and a codebook if any.
+
+    ``info``, when given, receives the encoder's path, format and latent normalisation.
+    """
     from latentdist.data import load_data
     from latentdist.data.encoders import load_encoder
     from latentdist.device import resolve_device
@@ -256,7 +278,10 @@ def load_latents(o: dict, data, device: str):
         trust_pickle=o["trust_pickle"],
         sample=o.get("sample", False),
         device=dev,
+        latent_norm=o.get("latent_norm", True),
     )
+    if info is not None:
+        info.update(path=str(o["encoder"]), format=enc.format, normalisation=enc.normalisation)
     latents = enc.encode(
         data,
         batch_size=o.get("encode_batch_size", 256),

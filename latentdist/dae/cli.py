@@ -7,6 +7,7 @@ import click
 
 from latentdist.cli_context import CONTEXT
 from latentdist.dae.config import TrainConfig
+from latentdist.data.files import image_options, parse_size
 from latentdist.errors import UsageError
 
 _D = TrainConfig()
@@ -27,6 +28,7 @@ def _ints(text: str | None) -> tuple[int, ...] | None:
 @click.option(
     "--data", required=True, help="Built-in name (digits, mnist5k), array file or image folder."
 )
+@image_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option(
     "--mode",
@@ -164,19 +166,32 @@ def _ints(text: str | None) -> tuple[int, ...] | None:
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in OUT.")
 @click.option("--progress/--no-progress", default=True, help="Progress bar.")
+@click.option(
+    "--tensorboard",
+    is_flag=True,
+    help="Also write TensorBoard event files to OUT/tensorboard (needs latentdist[tensorboard]).",
+)
 @click.option("--trust-pickle", is_flag=True, help="Allow unpickling --data files.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
-def train_dae(channel_mult: str | None, compile_: bool, fmt: str, **kw: object) -> None:
+def train_dae(
+    channel_mult: str | None, compile_: bool, fmt: str, resize: str | None, **kw: object
+) -> None:
     """Train a Decoupled Autoencoder (--mode dae) or the joint baseline (--mode joint).
 
     Writes encoder.pt / decoder.pt (TorchScript), model.safetensors, run.json, metrics.jsonl,
-    checkpoint.pt (and stage1/encoder.pt in dae mode) to --out. Under `torchrun --nproc_per_node N`
+    curves.png, checkpoint.pt (and stage1/encoder.pt in dae mode) to --out. Images of any size
+    work: the encoder pads them to multiples of --downsample, the decoder crops back. Under `torchrun --nproc_per_node N`
     it trains with DDP; --batch-size is the global batch.
     """
     from latentdist._io import to_json
     from latentdist.dae import TrainConfig, train
 
-    config = TrainConfig(channel_mult=_ints(channel_mult), compile=compile_, **kw)  # type: ignore[arg-type]
+    config = TrainConfig(
+        channel_mult=_ints(channel_mult),
+        compile=compile_,
+        resize=parse_size(resize),
+        **kw,  # type: ignore[arg-type]
+    )
     run = train(config)
     if not run:  # not rank 0
         return
@@ -199,6 +214,6 @@ def train_dae(channel_mult: str | None, compile_: bool, fmt: str, **kw: object) 
             f"codebook perplexity {f['codebook_perplexity']:.1f}, codes used {f['codes_used']}"
         )
     lines.append(
-        f"wrote {config.out}/ (encoder.pt, decoder.pt, model.safetensors, run.json) in {run['time_s']:.1f} s"
+        f"wrote {config.out}/ (encoder.pt, decoder.pt, model.safetensors, run.json, curves.png) in {run['time_s']:.1f} s"
     )
     click.echo("\n".join(lines))

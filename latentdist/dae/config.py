@@ -19,6 +19,7 @@ RESUMABLE_CHANGES = frozenset(
         "compile",
         "trust_pickle",
         "threads",
+        "tensorboard",
         "lr",  # so a diverged run can continue from its last checkpoint with a lower rate
         "grad_clip",
     }
@@ -36,6 +37,8 @@ class TrainConfig:
     """
 
     data: str = "digits"
+    channels: str = "auto"  # image folders: auto | grey | rgb (see latentdist.data.ImageOptions)
+    resize: tuple[int, int] | None = None  # image folders: resize every image to (H, W)
     out: str = "runs/dae"
     mode: str = "dae"  # dae | joint
     bottleneck: str = "kl"  # ae | kl | vq
@@ -83,6 +86,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 100  # 0 = only at the end of each stage
     progress: bool = True
+    tensorboard: bool = False  # also write TensorBoard event files to OUT/tensorboard
     resume: bool = False
     overwrite: bool = False
     trust_pickle: bool = False
@@ -105,7 +109,7 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> TrainConfig:
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
-        for k in ("adam_betas", "channel_mult"):
+        for k in ("adam_betas", "channel_mult", "resize"):
             if kw.get(k) is not None:
                 kw[k] = tuple(kw[k])
         return cls(**kw)
@@ -118,6 +122,12 @@ class TrainConfig:
                 raise UsageError(f"--{flag.replace('_', '-')} {getattr(self, flag)}: {msg}")
 
         need(self.mode in ("dae", "joint"), "mode", "expected dae or joint")
+        need(self.channels in ("auto", "grey", "rgb"), "channels", "expected auto, grey or rgb")
+        need(
+            self.resize is None or (len(self.resize) == 2 and min(self.resize) >= 1),
+            "resize",
+            "expected two positive integers H,W",
+        )
         need(self.bottleneck in ("ae", "kl", "vq"), "bottleneck", "expected ae, kl or vq")
         for f in (
             "stage1_steps",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -62,6 +63,36 @@ def data_statistics(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Ten
     else:
         mean = x.mean(0)
         std = x.std(0) if len(x) > 1 else torch.ones_like(mean)
+    std = torch.where(std > 1e-8, std, torch.ones_like(std))
+    return mean.float(), std.float()
+
+
+def streamed_statistics(
+    take, idx: np.ndarray, kind: str, max_rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``data_statistics`` of rows ``idx`` read ``max_rows`` at a time through ``take(rows)``.
+
+    One chunk gives exactly ``data_statistics``; more are merged with Chan et al.'s pairwise
+    update of (count, mean, sum of squared deviations) in float64, so an image folder larger
+    than memory is never decoded whole.
+    """
+    if len(idx) <= max_rows:
+        return data_statistics(take(idx), kind)
+    dims = (0, 2, 3) if kind == "images" else (0,)
+    count, mean, m2 = 0, None, None
+    for start in range(0, len(idx), max_rows):
+        x = take(idx[start : start + max_rows]).double()
+        n_b = x.numel() // math.prod(x.shape[d] for d in range(x.ndim) if d not in dims)
+        mean_b = x.mean(dim=dims, keepdim=True)[0]
+        m2_b = (x - mean_b).pow(2).sum(dim=dims, keepdim=True)[0]
+        if mean is None:
+            count, mean, m2 = n_b, mean_b, m2_b
+            continue
+        delta, total = mean_b - mean, count + n_b
+        mean = mean + delta * n_b / total
+        m2 = m2 + m2_b + delta.pow(2) * count * n_b / total
+        count = total
+    std = (m2 / max(count - 1, 1)).sqrt()
     std = torch.where(std > 1e-8, std, torch.ones_like(std))
     return mean.float(), std.float()
 

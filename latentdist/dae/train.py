@@ -28,7 +28,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +36,11 @@ import torch
 from torch import nn
 
 from latentdist._io import atomic_open, save_json, save_torch
+from latentdist._shapes import Crop, PadTo, padded_size
 from latentdist.dae import distributed as dist_util
 from latentdist.dae.bottleneck import VectorQuantizer, make_bottleneck
 from latentdist.dae.config import RESUMABLE_CHANGES, TrainConfig
+from latentdist.dae.curves import log_scalars, plot_curves, require_tensorboard, summary_writer
 from latentdist.dae.losses import (
     PerceptualLoss,
     adaptive_weight,
@@ -52,12 +54,12 @@ from latentdist.dae.models import (
     conv_decoder,
     conv_encoder,
     count_params,
-    data_statistics,
     last_layer,
     mlp_decoder,
     mlp_encoder,
+    streamed_statistics,
 )
-from latentdist.data import DataSource, load_data
+from latentdist.data import DataSource, ImageOptions, load_data
 from latentdist.device import resolve_device
 from latentdist.errors import UsageError
 
@@ -67,10 +69,12 @@ OUTPUT_FILES = (
     "model.safetensors",
     "run.json",
     "metrics.jsonl",
+    "curves.png",
     "checkpoint.pt",
     "stage1/encoder.pt",
 )
 _PRELOAD_BYTES = 2 << 30  # keep the training split in (device) memory below this size
+_CURVE_VAL_ROWS = 1024  # held-out rows behind the validation points of curves.png
 LOG_KEYS = ("loss", "rec", "kl", "vq", "perplexity", "perceptual", "g_loss", "d_loss", "d_weight")
 
 
@@ -83,7 +87,11 @@ class NonFiniteLossError(UsageError):
 
 @dataclass
 class Models:
-    """Every network of a run; ``normalize``/``denormalize`` map data to and from the model's scale."""
+    """Every network of a run; ``normalize``/``denormalize`` map data to and from the model's scale.
+
+    ``pad``/``crop`` carry the image-size rule (``latentdist._shapes``): the encoder sees images
+    padded to multiples of ``downsample``, the decoder's output is cropped back to the data size.
+    """
 
     normalize: Affine
     denormalize: Affine
@@ -92,6 +100,8 @@ class Models:
     decoder: nn.Module
     aux_decoder: nn.Module | None
     discriminator: nn.Module | None
+    pad: nn.Module = field(default_factory=nn.Identity)
+    crop: nn.Module = field(default_factory=nn.Identity)
 
     def named(self) -> dict[str, nn.Module]:
         mods = {
@@ -137,7 +147,11 @@ def build_models(
     )
     bottleneck = make_bottleneck(config.bottleneck, c, **(vq if config.bottleneck == "vq" else {}))
     aux_dropout = config.aux_dropout
+    pad, crop = nn.Identity(), nn.Identity()
     if kind == "images":
+        hw = tuple(data_shape[1:])
+        if padded_size(*hw, config.downsample) != hw:
+            pad, crop = PadTo(padded_size(*hw, config.downsample)), Crop(hw)
         ch, mult, nr, w = data_shape[0], config.mult(), config.num_res_blocks, config.base_width
         encoder = conv_encoder(ch, w, mult, nr, bottleneck.in_channels)
         decoder = conv_decoder(c, w, mult, nr, ch)
@@ -161,13 +175,24 @@ def build_models(
         decoder,
         aux,
         disc,
+        pad,
+        crop,
     )
 
 
 class Pipeline(nn.Module):
-    """normalised data -> encoder -> bottleneck -> decoder; the encoder part frozen in stage 2."""
+    """normalised data -> pad -> encoder -> bottleneck -> decoder -> crop; the encoder part
+    frozen in stage 2."""
 
-    def __init__(self, encoder: nn.Module, bottleneck: nn.Module, decoder: nn.Module, frozen: bool):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        bottleneck: nn.Module,
+        decoder: nn.Module,
+        frozen: bool,
+        pad: nn.Module | None = None,
+        crop: nn.Module | None = None,
+    ):
         super().__init__()
         self.encoder, self.bottleneck, self.decoder, self.frozen = (
             encoder,
@@ -175,6 +200,7 @@ class Pipeline(nn.Module):
             decoder,
             frozen,
         )
+        self.pad, self.crop = pad or nn.Identity(), crop or nn.Identity()
 
     def train(self, mode: bool = True) -> Pipeline:
         super().train(mode)
@@ -186,37 +212,50 @@ class Pipeline(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.frozen:
             with torch.no_grad():
-                z, _ = self.bottleneck(self.encoder(x), sample=True)
-            return self.decoder(z), {}
-        z, terms = self.bottleneck(self.encoder(x), sample=True)
-        return self.decoder(z), terms
+                z, _ = self.bottleneck(self.encoder(self.pad(x)), sample=True)
+            return self.crop(self.decoder(z)), {}
+        z, terms = self.bottleneck(self.encoder(self.pad(x)), sample=True)
+        return self.crop(self.decoder(z)), terms
 
 
 class ExportEncoder(nn.Module):
     """Data in its own scale -> latent (``ae``: z; ``kl``: posterior mean; ``vq``: quantised vectors).
 
-    A VQ encoder also carries its (K, C) codebook as the top-level buffer ``codebook``.
+    A VQ encoder also carries its (K, C) codebook as the top-level buffer ``codebook``. Images
+    are padded to the run's padded size first (``latentdist._shapes``).
     """
 
-    def __init__(self, normalize: nn.Module, encoder: nn.Module, bottleneck: nn.Module):
+    def __init__(
+        self,
+        normalize: nn.Module,
+        encoder: nn.Module,
+        bottleneck: nn.Module,
+        pad: nn.Module | None = None,
+    ):
         super().__init__()
         self.normalize, self.encoder, self.bottleneck = normalize, encoder, bottleneck
+        self.pad = pad or nn.Identity()
         if isinstance(bottleneck, VectorQuantizer):
             self.register_buffer("codebook", bottleneck.codebook.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bottleneck.encode(self.encoder(self.normalize(x.float())))
+        return self.bottleneck.encode(self.encoder(self.pad(self.normalize(x.float()))))
+
+    @classmethod
+    def of(cls, models: Models) -> ExportEncoder:
+        return cls(models.normalize, models.encoder, models.bottleneck, models.pad)
 
 
 class ExportDecoder(nn.Module):
-    """Latent -> data in its own scale."""
+    """Latent -> data in its own scale (images cropped back to the data size)."""
 
-    def __init__(self, decoder: nn.Module, denormalize: nn.Module):
+    def __init__(self, decoder: nn.Module, denormalize: nn.Module, crop: nn.Module | None = None):
         super().__init__()
         self.decoder, self.denormalize = decoder, denormalize
+        self.crop = crop or nn.Identity()
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.denormalize(self.decoder(z.float()))
+        return self.denormalize(self.crop(self.decoder(z.float())))
 
 
 def _cpu_copy(module: nn.Module) -> nn.Module:
@@ -384,11 +423,6 @@ def _validate_data(config: TrainConfig, src: DataSource) -> None:
             raise UsageError(
                 f"--data {config.data}: images must be (N, C, H, W), got {(len(src),) + shape}"
             )
-        f = config.downsample
-        if shape[1] % f or shape[2] % f:
-            raise UsageError(
-                f"--downsample {f}: does not divide the image size {shape[1]}x{shape[2]} of --data {config.data}"
-            )
     else:
         if config.disc_weight > 0:
             raise UsageError("--disc-weight: the patch discriminator needs image data (N, C, H, W)")
@@ -417,33 +451,48 @@ def save_safetensors(path: Path, models: Models, metadata: dict[str, str]) -> No
 # ---------------------------------------------------------------- evaluation
 
 
+@contextlib.contextmanager
+def _eval_mode(models: Models):
+    """Every network in eval mode, each restored to its own mode afterwards."""
+    mods = list(models.named().values())
+    modes = [m.training for m in mods]
+    for m in mods:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(mods, modes, strict=True):
+            m.train(mode)
+
+
 @torch.no_grad()
-def evaluate(models: Models, x: torch.Tensor, device: torch.device, batch: int = 256) -> dict:
+def evaluate(
+    models: Models, src: DataSource, idx: np.ndarray, device: torch.device, batch: int = 256
+) -> dict:
     """Validation reconstruction MSE in the data's own scale (mean over all elements).
 
-    Uses the deterministic encoding (posterior mean for ``kl``); ``val_mse_aux`` for the stage-1
-    decoder when there is one; codebook perplexity ``exp(H(p))`` and codes used for ``vq``.
+    Rows ``idx`` of ``src`` are read ``batch`` at a time. Uses the deterministic encoding
+    (posterior mean for ``kl``); ``val_mse_aux`` for the stage-1 decoder when there is one;
+    codebook perplexity ``exp(H(p))`` and codes used for ``vq``.
     """
-    if len(x) == 0:
+    if len(idx) == 0:
         return {"val_mse": None, "val_mse_aux": None}
-    mods = [models.normalize, models.encoder, models.bottleneck, models.decoder, models.denormalize]
-    modes = [m.training for m in mods]
-    for m in mods + ([models.aux_decoder] if models.aux_decoder is not None else []):
-        m.eval()
-    err, err_aux, counts = 0.0, 0.0, None
-    for start in range(0, len(x), batch):
-        xb = x[start : start + batch].to(device)
-        z = models.bottleneck.encode(models.encoder(models.normalize(xb)))
-        err += (models.denormalize(models.decoder(z)) - xb).pow(2).sum().item()
-        if models.aux_decoder is not None:
-            err_aux += (models.denormalize(models.aux_decoder(z)) - xb).pow(2).sum().item()
-        if isinstance(models.bottleneck, VectorQuantizer):
-            idx = models.bottleneck.codes(models.encoder(models.normalize(xb))).flatten()
-            c = torch.bincount(idx, minlength=models.bottleneck.num_codes).double()
-            counts = c if counts is None else counts + c
-    for m, mode in zip(mods, modes, strict=True):
-        m.train(mode)
-    n = x.numel()
+    err, err_aux, counts, n = 0.0, 0.0, None, 0
+    with _eval_mode(models):
+        for start in range(0, len(idx), batch):
+            xb = src.take(idx[start : start + batch]).to(device)
+            h = models.encoder(models.pad(models.normalize(xb)))
+            z = models.bottleneck.encode(h)
+            decoded = models.denormalize(models.crop(models.decoder(z)))
+            err += (decoded - xb).pow(2).sum().item()
+            if models.aux_decoder is not None:
+                decoded = models.denormalize(models.crop(models.aux_decoder(z)))
+                err_aux += (decoded - xb).pow(2).sum().item()
+            if isinstance(models.bottleneck, VectorQuantizer):
+                codes = models.bottleneck.codes(h).flatten()
+                c = torch.bincount(codes, minlength=models.bottleneck.num_codes).double()
+                counts = c if counts is None else counts + c
+            n += xb.numel()
     res = {
         "val_mse": err / n,
         "val_mse_aux": err_aux / n if models.aux_decoder is not None else None,
@@ -453,6 +502,30 @@ def evaluate(models: Models, x: torch.Tensor, device: torch.device, batch: int =
         res["codebook_perplexity"] = float(torch.exp(-(p * torch.log(p.clamp_min(1e-300))).sum()))
         res["codes_used"] = int((counts > 0).sum())
     return res
+
+
+@torch.no_grad()
+def validation_loss(
+    models: Models,
+    decoder: nn.Module,
+    src: DataSource,
+    idx: np.ndarray,
+    device: torch.device,
+    kind: str,
+    batch: int = 256,
+) -> float | None:
+    """The training reconstruction loss (``kind``, on normalised data) of ``decoder`` on rows
+    ``idx``, in eval mode with the deterministic encoding: the validation point of the curves."""
+    if len(idx) == 0:
+        return None
+    total, n = 0.0, 0
+    with _eval_mode(models):
+        for start in range(0, len(idx), batch):
+            x = models.normalize(src.take(idx[start : start + batch]).to(device))
+            z = models.bottleneck.encode(models.encoder(models.pad(x)))
+            total += float(reconstruction_loss(models.crop(decoder(z)), x, kind)) * x.numel()
+            n += x.numel()
+    return total / n
 
 
 # ---------------------------------------------------------------- training
@@ -512,9 +585,15 @@ def _train(config: TrainConfig, device: torch.device, info: dist_util.DistInfo) 
         )
     if config.precision == "fp16" and device.type != "cuda":
         raise UsageError("--precision fp16: needs --device cuda (use bf16 or fp32 on CPU)")
+    if config.tensorboard and info.is_main:
+        require_tensorboard()
 
     # data and split
-    src = load_data(config.data, trust_pickle=config.trust_pickle)
+    src = load_data(
+        config.data,
+        trust_pickle=config.trust_pickle,
+        image=ImageOptions(config.channels, config.resize),
+    )
     _validate_data(config, src)
     fingerprint = src.fingerprint()
     train_idx, val_idx = split_indices(len(src), config.val_fraction, config.split_seed)
@@ -523,7 +602,10 @@ def _train(config: TrainConfig, device: torch.device, info: dist_util.DistInfo) 
     stat_idx = train_idx[
         np.linspace(0, len(train_idx) - 1, min(len(train_idx), 10000)).astype(np.int64)
     ]
-    shift, scale = data_statistics(src.take(np.unique(stat_idx)), src.kind)
+    row_bytes = math.prod(src.sample_shape) * 8
+    shift, scale = streamed_statistics(
+        src.take, np.unique(stat_idx), src.kind, max(1, (_PRELOAD_BYTES // 8) // row_bytes)
+    )
     ckpt = None
     if config.resume:
         ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
@@ -569,11 +651,14 @@ def _train(config: TrainConfig, device: torch.device, info: dist_util.DistInfo) 
 
     # output folder (rank 0 alone writes)
     metrics_path = out / "metrics.jsonl"
+    history: list[dict] = []  # metrics.jsonl records, for curves.png
+    writer = None  # TensorBoard SummaryWriter with --tensorboard
     if info.is_main:
         if config.overwrite:
             for name in OUTPUT_FILES:
                 (out / name).unlink(missing_ok=True)
             shutil.rmtree(out / "stage1", ignore_errors=True)
+            shutil.rmtree(out / "tensorboard", ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
         kept = []
         if ckpt is not None and metrics_path.is_file():  # drop lines logged after the checkpoint
@@ -584,14 +669,22 @@ def _train(config: TrainConfig, device: torch.device, info: dist_util.DistInfo) 
             ]
         with atomic_open(metrics_path, "w") as f:
             f.write("".join(ln + "\n" for ln in kept))
+        history = [json.loads(ln) for ln in kept]
+        if config.tensorboard:
+            writer = summary_writer(out / "tensorboard", purge_step=start_step + 1)
     dist_util.barrier()
     metrics_file = open(metrics_path, "a") if info.is_main else None  # noqa: SIM115
+    curve_rows = val_idx[:_CURVE_VAL_ROWS]
+    title = f"{config.mode} ({config.bottleneck}) on {config.data}"
 
     def checkpoint(step: int, stage: str, opt: torch.optim.Optimizer) -> None:
         rng = dist_util.all_gather_object(_rng_state())
         if not info.is_main:
             return
         metrics_file.flush()
+        plot_curves(history, out / "curves.png", title)
+        if writer is not None:
+            writer.flush()
         save_torch(
             out / "checkpoint.pt",
             {
@@ -630,7 +723,7 @@ def _train(config: TrainConfig, device: torch.device, info: dist_util.DistInfo) 
     example = src.take(val_idx[:2] if len(val_idx) else train_idx[:2])
     bar = None
     if info.is_main and config.progress:
-        from tqdm.auto import tqdm
+        from latentdist._progress import progress_bar as tqdm
 
         bar = tqdm(
             total=config.total_steps,
@@ -653,10 +746,12 @@ def _train(config: TrainConfig, device: torch.device, info: dist_util.DistInfo) 
                     if info.is_main:  # the frozen stage-1 encoder, for measuring it on its own
                         save_torchscript(
                             out / "stage1" / "encoder.pt",
-                            ExportEncoder(models.normalize, models.encoder, models.bottleneck),
+                            ExportEncoder.of(models),
                             example,
                         )
-                pipe = Pipeline(models.encoder, models.bottleneck, decoder, frozen).train()
+                pipe = Pipeline(
+                    models.encoder, models.bottleneck, decoder, frozen, models.pad, models.crop
+                ).train()
                 opt = torch.optim.Adam(
                     [p for p in pipe.parameters() if p.requires_grad],
                     lr=config.lr,
@@ -748,7 +843,14 @@ def _train(config: TrainConfig, device: torch.device, info: dist_util.DistInfo) 
                         "lr": opt.param_groups[0]["lr"],
                         "time": round(elapsed_before + time.time() - t_start, 4),
                     }
+                    if save_now:  # a held-out point on the curves (no randomness used)
+                        rec_line["val_rec"] = validation_loss(
+                            models, decoder, src, curve_rows, device, config.rec_loss
+                        )
                     metrics_file.write(json.dumps(rec_line) + "\n")
+                    history.append(rec_line)
+                    if writer is not None:
+                        log_scalars(writer, rec_line)
                     if bar is not None:
                         bar.set_postfix(stage=stage, loss=f"{last_log['loss']:.4g}", refresh=False)
             if save_now:
@@ -760,6 +862,8 @@ def _train(config: TrainConfig, device: torch.device, info: dist_util.DistInfo) 
             bar.close()
         if metrics_file is not None:
             metrics_file.close()
+        if writer is not None:
+            writer.close()
     loop_time = time.perf_counter() - t_loop
     steps_run = config.total_steps - start_step
 
@@ -774,16 +878,18 @@ def _train(config: TrainConfig, device: torch.device, info: dist_util.DistInfo) 
         ):
             save_torchscript(
                 out / "stage1" / "encoder.pt",
-                ExportEncoder(models.normalize, models.encoder, models.bottleneck),
+                ExportEncoder.of(models),
                 example,
             )
-        final = evaluate(models, src.take(val_idx), device)
-        enc = ExportEncoder(models.normalize, models.encoder, models.bottleneck)
+        final = evaluate(models, src, val_idx, device)
+        enc = ExportEncoder.of(models)
         save_torchscript(out / "encoder.pt", enc, example)
         with torch.no_grad():
             z_example = _cpu_copy(enc)(example.float())
         save_torchscript(
-            out / "decoder.pt", ExportDecoder(models.decoder, models.denormalize), z_example
+            out / "decoder.pt",
+            ExportDecoder(models.decoder, models.denormalize, models.crop),
+            z_example,
         )
         save_safetensors(
             out / "model.safetensors", models, {"config": json.dumps(config.to_dict())}

@@ -54,7 +54,8 @@ class Encoder:
     """An encoder ``E`` mapping a float32 batch (B, *data_shape) to latents (B, *latent_shape).
 
     ``codebook`` is the (K, C) codebook of a vector-quantised encoder (latent vectors are its rows,
-    so codebook usage can be measured), ``expects`` a human-readable input shape when known.
+    so codebook usage can be measured), ``expects`` a human-readable input shape when known,
+    ``normalisation`` what is applied to the raw latent (diffusers VAEs; None: nothing).
     """
 
     module: nn.Module | Callable[[torch.Tensor], torch.Tensor]
@@ -62,6 +63,7 @@ class Encoder:
     format: str
     codebook: torch.Tensor | None = None
     expects: str | None = None
+    normalisation: str | None = None
 
     def encode(
         self,
@@ -79,7 +81,7 @@ class Encoder:
         ``sample=True``), so a run is reproducible for a given seed and batch size. A shape or
         dtype the encoder cannot take, or latents with NaN/Inf, raise a one-line UsageError.
         """
-        from tqdm.auto import tqdm
+        from latentdist._progress import progress_bar as tqdm
 
         if batch_size < 1:
             raise UsageError(f"--batch-size {batch_size}: expected a positive integer")
@@ -202,20 +204,49 @@ class _FixedBatch(nn.Module):
 
 
 class _DiffusersKL(nn.Module):
-    """A diffusers ``AutoencoderKL`` as an encoder: z = (latent - shift_factor) * scaling_factor.
+    """A diffusers ``AutoencoderKL`` as an encoder, giving the latent a diffusion model sees.
 
     ``latent`` is the posterior mean, or with ``sample=True`` a draw mean + std * eps from the
-    diagonal Gaussian posterior (Kingma & Welling 2014) using a seeded generator. The scaling is
-    the one diffusers pipelines apply before the diffusion model (Rombach et al. 2022, §4.3.2).
+    diagonal Gaussian posterior (Kingma & Welling 2014) using a seeded generator. It is then
+    normalised as diffusers pipelines do before the diffusion model (e.g. the SDXL and SD3
+    img2img pipelines' ``prepare_latents``):
+
+    * config with ``latents_mean`` and ``latents_std``:
+      ``z = (latent - latents_mean) * scaling_factor / latents_std`` (per channel);
+    * otherwise ``z = (latent - shift_factor) * scaling_factor`` (shift 0 when absent; this is
+      Rombach et al. 2022's scaling, §4.3.2);
+    * ``normalise=False``: ``z = latent`` (the raw latent).
     """
 
-    def __init__(self, vae: nn.Module, sample: bool) -> None:
+    def __init__(
+        self, vae: nn.Module, sample: bool, normalise: bool = True, where: str = "--encoder"
+    ) -> None:
         super().__init__()
         self.vae, self.sample = vae, sample
         cfg = vae.config
         scale, shift = getattr(cfg, "scaling_factor", None), getattr(cfg, "shift_factor", None)
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
         self.scale = 1.0 if scale is None else float(scale)
         self.shift = 0.0 if shift is None else float(shift)
+        channels = int(getattr(cfg, "latent_channels", 0) or 0)
+        self.mean = self.std = None
+        if not normalise:
+            self.scale, self.shift = 1.0, 0.0
+            self.description = "none (the raw latent: --no-latent-norm)"
+        elif mean is not None and std is not None:
+            self.mean = _channel_vector(mean, channels, f"{where}: latents_mean")
+            self.std = _channel_vector(std, channels, f"{where}: latents_std")
+            if not bool((self.std > 0).all()):
+                raise UsageError(f"{where}: latents_std has entries <= 0")
+            self.description = (
+                f"(z - latents_mean) * scaling_factor / latents_std with scaling_factor "
+                f"{self.scale:g} and the config's per-channel latents_mean, latents_std"
+            )
+        else:
+            self.description = (
+                f"(z - shift_factor) * scaling_factor with shift_factor {self.shift:g}, "
+                f"scaling_factor {self.scale:g}"
+            )
         self.generator: torch.Generator | None = None
 
     def reseed(self, seed: int, device: torch.device) -> None:
@@ -224,7 +255,25 @@ class _DiffusersKL(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dist = self.vae.encode(x).latent_dist
         latent = dist.sample(generator=self.generator) if self.sample else dist.mean
+        if self.mean is not None:
+            view = (1, -1) + (1,) * (latent.ndim - 2)
+            mean = self.mean.to(latent.device, latent.dtype).view(view)
+            std = self.std.to(latent.device, latent.dtype).view(view)
+            return (latent - mean) * self.scale / std
         return (latent - self.shift) * self.scale
+
+
+def _channel_vector(values, channels: int, what: str) -> torch.Tensor:
+    """A config's per-channel statistic as a float tensor; UsageError unless one per channel."""
+    try:
+        t = torch.as_tensor(values, dtype=torch.float32).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        raise UsageError(f"{what} is not a list of numbers") from None
+    if not bool(torch.isfinite(t).all()):
+        raise UsageError(f"{what} contains NaN or Inf")
+    if channels and len(t) != channels:
+        raise UsageError(f"{what} has {len(t)} entries for {channels} latent channels")
+    return t
 
 
 class _DiffusersVQ(nn.Module):
@@ -260,12 +309,14 @@ def load_encoder(
     trust_pickle: bool = False,
     sample: bool = False,
     device: str | torch.device = "cpu",
+    latent_norm: bool = True,
 ) -> Encoder:
     """Load an encoder from a file or folder, detecting its format (see the module docstring).
 
     ``arch`` (``module:factory`` or ``file.py:factory``) and ``arch_kwargs`` (a JSON object or a
     dict) build the model a state dict is loaded into; ``sample`` draws from a KL posterior
-    instead of taking its mean; ``trust_pickle`` allows unpickling a full ``nn.Module``.
+    instead of taking its mean; ``trust_pickle`` allows unpickling a full ``nn.Module``;
+    ``latent_norm=False`` keeps a diffusers KL latent raw (see ``_DiffusersKL``).
     """
     p = Path(path)
     if not p.exists():
@@ -275,7 +326,7 @@ def load_encoder(
     dev = resolve_device(device)
     if p.is_dir():
         _no_arch(arch, p, "a diffusers folder")
-        enc = _load_diffusers(p, sample)
+        enc = _load_diffusers(p, sample, latent_norm)
     else:
         if p.stat().st_size == 0:
             raise UsageError(f"--encoder {p}: file is empty")
@@ -473,7 +524,7 @@ def build_arch(arch: str, arch_kwargs: str | dict | None = None) -> nn.Module:
     return model
 
 
-def _load_diffusers(p: Path, sample: bool) -> Encoder:
+def _load_diffusers(p: Path, sample: bool, latent_norm: bool = True) -> Encoder:
     cfg_file = p / "config.json"
     if not cfg_file.is_file():
         raise UsageError(f"--encoder {p}: a folder, but not a diffusers model (no config.json)")
@@ -521,4 +572,5 @@ def _load_diffusers(p: Path, sample: bool) -> Encoder:
         return Encoder(
             _DiffusersVQ(model), p.name, "diffusers-vq", codebook=codebook, expects=expects
         )
-    return Encoder(_DiffusersKL(model, sample), p.name, "diffusers-kl", expects=expects)
+    kl = _DiffusersKL(model, sample, latent_norm, where=f"--encoder {cfg_file}")
+    return Encoder(kl, p.name, "diffusers-kl", expects=expects, normalisation=kl.description)

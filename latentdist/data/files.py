@@ -1,7 +1,8 @@
-"""Load arrays (.npy, .npz, .pt, .safetensors, .csv) and folders of images."""
+"""Load arrays (.npy, .npz, .pt, .safetensors, .csv) and folders of images (read lazily)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -85,41 +86,168 @@ def load_array_file(path: Path, key: str | None = None, trust_pickle: bool = Fal
     )
 
 
-def load_image_folder(path: Path) -> DataSource:
-    """All PNG/JPEG/BMP files below ``path`` (sorted), as (N, C, H, W) scaled to [-1, 1].
+CHANNELS = ("auto", "grey", "rgb")
+_GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 
-    All grey images give C=1; any colour image makes every image RGB (C=3). Sizes must agree.
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """How an image folder becomes (N, C, H, W): ``channels`` auto/grey/rgb, ``resize`` (H, W).
+
+    ``channels='auto'`` keeps grey folders grey (C=1) and colour folders RGB (C=3) and refuses a
+    folder mixing both; ``grey``/``rgb`` convert every image. ``resize`` resizes every image with
+    Pillow's bicubic filter (antialiased); without it all images must share one size.
     """
+
+    channels: str = "auto"
+    resize: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.channels not in CHANNELS:
+            raise UsageError(f"--channels {self.channels}: expected auto, grey or rgb")
+        if self.resize is not None and (
+            len(self.resize) != 2 or min(int(v) for v in self.resize) < 1
+        ):
+            raise UsageError(f"--resize {self.resize}: expected two positive integers H,W")
+
+
+def parse_size(text: str | None, flag: str = "--resize") -> tuple[int, int] | None:
+    """``"H,W"`` (or ``"S"`` for a square) as a (height, width) pair; None stays None."""
+    if text is None or str(text).strip() == "":
+        return None
+    parts = str(text).replace("x", ",").split(",")
+    try:
+        size = tuple(int(p) for p in parts)
+    except ValueError:
+        size = ()
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) < 1:
+        raise UsageError(f"{flag} {text}: expected a size H,W of two positive integers, e.g. 64,64")
+    return size  # type: ignore[return-value]
+
+
+def image_options(f):
+    """The click options ``--channels`` and ``--resize`` (image folders), for every command."""
+    import click
+
+    f = click.option(
+        "--resize",
+        metavar="H,W",
+        default=None,
+        help="Image folders: resize every image to H x W (Pillow, bicubic) [default: keep sizes, "
+        "which must agree].",
+    )(f)
+    return click.option(
+        "--channels",
+        type=click.Choice(CHANNELS),
+        default="auto",
+        show_default=True,
+        help="Image folders: auto keeps grey as 1 channel and colour as RGB (a folder mixing "
+        "both is refused); grey or rgb converts every image.",
+    )(f)
+
+
+def _open(path: Path):
+    """PIL image of ``path`` (header read, pixels not yet decoded); corrupt files are UsageErrors."""
     from PIL import Image, UnidentifiedImageError
 
+    try:
+        return Image.open(path)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise UsageError(f"{path}: unreadable or corrupt image ({e})") from None
+
+
+class ImageFolderArray:
+    """A read-only (N, C, H, W) uint8 array over image files, decoded only when indexed.
+
+    ``array[i]``, ``array[a:b]``, ``array[[i, j]]`` decode just those images, so a folder far
+    larger than memory is streamed batch by batch (``DataSource.batches``, ``take``).
+    """
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __init__(
+        self, files: list[Path], channels: int, size: tuple[int, int], resize: bool
+    ) -> None:
+        self.files, self.channels, self.size, self.resize = files, channels, size, resize
+        self.shape = (len(files), channels, *size)
+        self.decoded = 0  # images decoded so far (for tests and diagnostics)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _decode(self, i: int) -> np.ndarray:
+        from PIL import Image
+
+        path = self.files[i]
+        with _open(path) as im:
+            try:
+                im = im.convert("L" if self.channels == 1 else "RGB")
+                if self.resize and im.size != (self.size[1], self.size[0]):
+                    im = im.resize((self.size[1], self.size[0]), Image.Resampling.BICUBIC)
+                arr = np.asarray(im, dtype=np.uint8)
+            except (OSError, SyntaxError, ValueError) as e:
+                raise UsageError(f"{path}: unreadable or corrupt image ({e})") from None
+        self.decoded += 1
+        if arr.shape[:2] != self.size:  # a file changed since the folder was scanned
+            raise UsageError(
+                f"{path}: image size {arr.shape[1]}x{arr.shape[0]} differs from the folder's "
+                f"{self.size[1]}x{self.size[0]}"
+            )
+        return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            return self._decode(int(index) % len(self))
+        rows = np.arange(len(self))[index]
+        out = np.empty((len(rows), *self.shape[1:]), dtype=np.uint8)
+        for k, i in enumerate(rows):
+            out[k] = self._decode(int(i))
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+
+def load_image_folder(path: Path, options: ImageOptions | None = None) -> DataSource:
+    """All PNG/JPEG/BMP files below ``path`` (sorted) as (N, C, H, W) scaled to [-1, 1].
+
+    Only the headers are read here; pixels are decoded when rows are taken (``ImageFolderArray``).
+    Channels and sizes follow ``options`` (see ``ImageOptions``); a folder that mixes grey and
+    colour, or sizes, without a flag that converts them, is refused naming two such files.
+    """
+    opts = options or ImageOptions()
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise UsageError(f"{path}: no images (.png, .jpg, .jpeg, .bmp) found")
-    images, size = [], None
+    first_size: dict[tuple[int, int], Path] = {}
+    first_kind: dict[str, Path] = {}
     for f in files:
-        try:
-            with Image.open(f) as im:
-                im.load()
-                grey = im.mode in ("1", "L", "I", "I;16", "F")
-                im = im.convert("L" if grey else "RGB")
-                arr = np.asarray(im, dtype=np.uint8)
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise UsageError(f"{f}: unreadable or corrupt image ({e})") from None
-        if size is None:
-            size, first = arr.shape[:2], f
-        elif arr.shape[:2] != size:
+        with _open(f) as im:
+            w, h = im.size
+            kind = "grey" if im.mode in _GREY_MODES else "colour"
+        first_size.setdefault((h, w), f)
+        first_kind.setdefault(kind, f)
+        if opts.resize is None and len(first_size) > 1:
+            (s0, f0), (s1, f1) = first_size.items()
             raise UsageError(
-                f"{f}: image size {arr.shape[1]}x{arr.shape[0]} differs from {first.name}'s "
-                f"{size[1]}x{size[0]}; all images must share one size"
+                f"{f1}: image size {s1[1]}x{s1[0]} differs from {f0}'s {s0[1]}x{s0[0]}; "
+                "pass --resize H,W to resize every image to one size"
             )
-        images.append(arr)
-    if all(a.ndim == 2 for a in images):
-        stacked = np.stack(images)[:, None]
+        if opts.channels == "auto" and len(first_kind) > 1:
+            raise UsageError(
+                f"{path}: mixes grey ({first_kind['grey']}) and colour ({first_kind['colour']}) "
+                "images; pass --channels rgb or --channels grey to convert them all"
+            )
+    if opts.channels == "auto":
+        channels = 1 if "grey" in first_kind else 3
     else:
-        stacked = np.stack([np.repeat(a[..., None], 3, -1) if a.ndim == 2 else a for a in images])
-        stacked = stacked.transpose(0, 3, 1, 2)
-    src = DataSource(
-        str(path), np.ascontiguousarray(stacked), kind="images", scale=(127.5, 1 / 127.5)
-    )
+        channels = 1 if opts.channels == "grey" else 3
+    size = tuple(opts.resize) if opts.resize is not None else next(iter(first_size))
+    array = ImageFolderArray(files, channels, size, resize=opts.resize is not None)
+    src = DataSource(str(path), array, kind="images", scale=(127.5, 1 / 127.5))  # type: ignore[arg-type]
     src.files = files
     return src

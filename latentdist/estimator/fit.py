@@ -33,8 +33,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
-from tqdm.auto import tqdm
 
+from latentdist._progress import progress_bar as tqdm
 from latentdist.generators.ensemble import GeneratorEnsemble
 
 FITS = ("mmd", "ot", "adversarial", "paired")

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from latentdist._progress import progress_bar as tqdm
 from latentdist.device import resolve_device
 from latentdist.discrepancy import METRICS as _ALL_METRICS
 from latentdist.discrepancy import NEEDS_FIT, median_bandwidth

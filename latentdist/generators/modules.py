@@ -1,7 +1,7 @@
 """Generator families G_c as plain ``nn.Module`` s, nested in their capacity ``c``.
 
 Each family's forward is a composition of ``nn.Sequential`` and ``SumOfPaths`` over standard
-layers (Linear, Conv2d, ReLU, nearest Upsample, Flatten, Unflatten). That structure is what the
+layers (Linear, Conv2d, ReLU, nearest Upsample, Flatten, Unflatten, ``Crop``). That structure is what the
 proxies walk to bound Lipschitz constants, so keep to it when adding a family.
 
 Nesting: a ReLU network of width c can represent every network of width c' < c (zero the extra
@@ -16,6 +16,7 @@ import math
 import torch
 from torch import nn
 
+from latentdist._shapes import Crop, latent_size
 from latentdist.errors import UsageError
 
 FAMILIES = ("linear", "mlp", "conv")
@@ -67,18 +68,25 @@ def mlp_generator(
 
 
 def upsampling_factor(latent_shape: tuple[int, ...], data_shape: tuple[int, ...]) -> int:
-    """Number of 2x upsamplings from a C×h×w latent to a C'×H×W image (H = h·2^k, W = w·2^k)."""
+    """Number k of 2x upsamplings from a C×h×w latent to a C'×H×W image.
+
+    The image-size rule of ``latentdist._shapes``: h = ceil(H / 2^k) and w = ceil(W / 2^k) (the
+    smallest such k); the generator's h·2^k × w·2^k output is cropped to H×W. Sizes that 2^k
+    divides (H = h·2^k) need no crop.
+    """
     if len(latent_shape) != 3 or len(data_shape) != 3:
         raise UsageError(
             f"conv generator needs spatial latents C×H×W and image data C×H×W; got latent shape "
             f"{list(latent_shape)} and data shape {list(data_shape)} (use --generator mlp for vectors)"
         )
     (_, h, w), (_, H, W) = latent_shape, data_shape
-    if H % h or W % w or H // h != W // w or (H // h) & (H // h - 1):
-        raise UsageError(
-            f"conv generator: data size {H}x{W} is not latent size {h}x{w} times a power of two"
-        )
-    return int(math.log2(H // h))
+    for k in range(max(H, W).bit_length() + 1):
+        if latent_size(H, W, 2**k) == (h, w):
+            return k
+    raise UsageError(
+        f"conv generator: latent size {h}x{w} is not data size {H}x{W} divided by a power of "
+        "two f (rounded up, ceil(H/f) x ceil(W/f))"
+    )
 
 
 def conv_generator(
@@ -86,7 +94,7 @@ def conv_generator(
 ) -> nn.Sequential:
     """A conv decoder: 3x3 conv to ``width`` channels, k times (nearest 2x upsample, ``depth``
     3x3 convs + ReLU), then a 3x3 conv to the image channels; plus the linear skip
-    upsample(1x1 conv(z))."""
+    upsample(1x1 conv(z)); the sum is cropped to the data size when 2^k does not divide it."""
     if width < 1 or depth < 1:
         raise UsageError(f"conv generator needs width >= 1 and depth >= 1 (got {width}, {depth})")
     k = upsampling_factor(latent_shape, data_shape)
@@ -103,7 +111,11 @@ def conv_generator(
     skip: list[nn.Module] = [nn.Conv2d(c_in, c_out, 1)]
     if k:
         skip.append(nn.Upsample(scale_factor=2**k, mode="nearest"))
-    return nn.Sequential(SumOfPaths(nn.Sequential(*skip), nn.Sequential(*layers)))
+    body = SumOfPaths(nn.Sequential(*skip), nn.Sequential(*layers))
+    h, w = latent_shape[1] * 2**k, latent_shape[2] * 2**k
+    if (h, w) == tuple(data_shape[1:]):
+        return nn.Sequential(body)
+    return nn.Sequential(body, Crop(tuple(data_shape[1:])))
 
 
 def make_generator(

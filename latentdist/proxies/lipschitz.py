@@ -23,6 +23,7 @@ from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import nn
 from torch.func import jvp, vjp, vmap
 
+from latentdist._shapes import Crop
 from latentdist.errors import UsageError
 from latentdist.generators.modules import SumOfPaths
 
@@ -231,7 +232,7 @@ def upsample_operator_norm(
 
 
 # Parameter-free modules with a known Lipschitz constant (LeakyReLU / ELU checked below).
-_ONE_LIPSCHITZ = (nn.ReLU, nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Tanh)
+_ONE_LIPSCHITZ = (nn.ReLU, nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Tanh, Crop)
 _SUPPORTED = (nn.Linear, nn.Conv2d, nn.Upsample, nn.LeakyReLU, nn.ELU, nn.Sigmoid, *_ONE_LIPSCHITZ)
 
 
@@ -254,7 +255,7 @@ def leaf_lipschitz(
         raise UsageError(
             f"Lipschitz bound: unsupported module {type(module).__name__}; supported are Sequential, "
             "SumOfPaths, Linear, Conv2d, nearest Upsample, ReLU, LeakyReLU, ELU, Tanh, Sigmoid, "
-            "Identity, Flatten, Unflatten, Dropout"
+            "Identity, Flatten, Unflatten, Dropout, Crop"
         )
     out_shape = _out_shape(module, in_shape)
     if isinstance(module, nn.Linear):
@@ -300,7 +301,7 @@ def lipschitz_upper(
     Linear -> ||W||_2 (exact); Conv2d -> its operator norm at the actual input shape, tracked
     through the recursion (``conv_operator_norm``: Lanczos to 1e-9 plus a 1e-5 relative margin,
     exact for tiny inputs); nearest Upsample by integer s x s -> s (exact); ReLU, LeakyReLU and ELU
-    with slope/alpha <= 1, Tanh, Identity, Flatten, Unflatten, Dropout (eval) -> 1; Sigmoid -> 1/4.
+    with slope/alpha <= 1, Tanh, Identity, Flatten, Unflatten, Crop, Dropout (eval) -> 1; Sigmoid -> 1/4.
     Biases do not affect Lipschitz constants. Composition and sum rules as in Szegedy et al. (2014)
     and Virmaux & Scaman (2018), "Lipschitz regularity of deep neural networks". ``input_shape``
     is the per-sample latent shape (no batch dimension).
