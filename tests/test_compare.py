@@ -134,7 +134,7 @@ def test_reconstruction_matches_independent_computation(compared, runs):
 def test_report_and_figures(compared):
     out, report, output = compared
     md = (out / "report.md").read_text()
-    assert "| run | mode | enc/dec params | recon MSE | PSNR (dB) | w2 c=4 | w2 c=16 |" in md
+    assert "| run | mode | enc/dec params | recon MSE | PSNR (dB) | mmd c=4 | mmd c=16 |" in md
     pngs = ["curves.png", "proxies.png"] + [
         f"{kind}_{name}.png" for name in ("dae", "joint", "ext") for kind in ("recon", "samples")
     ]

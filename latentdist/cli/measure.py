@@ -79,7 +79,7 @@ def measurement_options(f):
             "correspond) and the smaller capacities' choices (which G_c contains).",
         ),
         click.option(
-            "--features",
+            "--metric-features",
             metavar="identity|learned|PATH",
             default=None,
             help="Feature space of --metric fd/kid: identity (default), learned (a net trained "
@@ -156,7 +156,7 @@ def config_from_options(o: dict) -> MeasureConfig:
         metric=o["metric"],
         fit=o["fit"],
         select=not o["no_select"],
-        features=o["features"],
+        features=o["metric_features"],
         seeds=o["seeds"],
         n_eval=o["n_eval"],
         steps=o["steps"],

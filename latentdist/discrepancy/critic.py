@@ -96,14 +96,17 @@ def heldout_critic_distance(
 ) -> float:
     """mean f(x) - mean f(y) for a critic f trained on ``fit_x`` vs ``fit_y`` (module docstring).
 
-    Without ``fit_x``/``fit_y`` the first half of each of ``x`` and ``y`` is used for fitting
-    and the second half is scored. ``device``: where to train (default: the CPU, or the device
+    Without ``fit_x``/``fit_y`` a random half (fixed by ``seed``) of each of ``x`` and ``y`` is
+    used for fitting and the other half is scored. ``device``: where to train (default: the CPU, or the device
     of ``x`` when it is a CUDA tensor).
     """
     xt, yt = _tensor(x, "x"), _tensor(y, "y")
     if (fit_x is None) != (fit_y is None):
         raise UsageError("critic: give both fit_x and fit_y, or neither")
-    if fit_x is None:
+    if fit_x is None:  # random halves: rows may come sorted (by class, say)
+        g = torch.Generator().manual_seed(seed)
+        xt = xt[torch.randperm(len(xt), generator=g)]
+        yt = yt[torch.randperm(len(yt), generator=g)]
         hx, hy = len(xt) // 2, len(yt) // 2
         fx, fy, xt, yt = xt[:hx], yt[:hy], xt[hx:], yt[hy:]
     else:
