@@ -52,9 +52,9 @@ def _metric_names() -> list[str]:
 @click.option(
     "--feature-steps",
     type=int,
-    default=500,
+    default=300,
     show_default=True,
-    help="Training steps of a learned feature network (one per seed).",
+    help="Training steps of a learned feature network (one per seed, as compare's).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="First seed.")
 @click.option(

@@ -28,6 +28,7 @@ import inspect
 import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,6 +46,7 @@ __all__ = [
     "DistanceSplit",
     "distance_split",
     "sample_distance",
+    "sample_distances",
 ]
 
 #: The metric ``latentdist distance`` uses when none is named. Unbiased MMD^2 with several
@@ -278,8 +280,21 @@ def _resolve_features(
     )
 
 
-def sample_distance(
-    samples: Any,
+def sample_distance(samples: Any, reference: Any, **settings: Any) -> DistanceResult:
+    """The discrepancy between ``samples`` and ``reference``, with the floor and 95 % intervals.
+
+    ``samples``, ``reference``: DataSources (``latentdist.load_data``), arrays or tensors of rows
+    with the same sample shape. Settings (keywords of ``sample_distances``): ``metric`` (a name
+    in ``latentdist.discrepancy.METRICS``, default ``DEFAULT_METRIC``), ``n_eval`` (rows per
+    evaluation, default min(1000, what the rows allow)), ``seeds`` (independent splits, >= 2 for
+    intervals), ``features`` (fd, kid), ``seed``, ``feature_steps``, ``metric_kwargs`` (e.g.
+    ``scales=(1,)`` for single-bandwidth MMD), ``progress``. Splits: the module docstring.
+    """
+    return sample_distances({"samples": samples}, reference, **settings)["samples"]
+
+
+def sample_distances(
+    sets: Mapping[str, Any],
     reference: Any,
     *,
     metric: str | None = None,
@@ -287,21 +302,17 @@ def sample_distance(
     seeds: int = 5,
     features: Any = "auto",
     seed: int = 0,
-    feature_steps: int = 500,
+    feature_steps: int = 300,
     metric_kwargs: dict[str, Any] | None = None,
     progress: bool = False,
-) -> DistanceResult:
-    """The discrepancy between ``samples`` and ``reference``, with the floor and 95 % intervals.
+) -> dict[str, DistanceResult]:
+    """``sample_distance`` for several named sample sets against one reference, sharing work.
 
-    ``samples``, ``reference``: DataSources (``latentdist.load_data``), arrays or tensors of rows
-    with the same sample shape. ``metric``: a name in ``latentdist.discrepancy.METRICS``
-    (default ``DEFAULT_METRIC``). ``n_eval``: rows per evaluation (default min(1000, what the
-    rows allow)). ``seeds``: independent splits (>= 2 for intervals). ``features`` (fd, kid):
-    "auto" (learned for images, identity for vectors), "identity", "learned", a TorchScript
-    path, or a module mapping (n, *shape) -> (n, F). ``feature_steps``: training steps of a
-    learned feature network (one per seed, on that seed's reference fit rows).
-    ``metric_kwargs``: passed to the metric (e.g. ``scales=(1,)`` for single-bandwidth MMD).
-    See the module docstring for the splits.
+    Every set is scored on the same reference splits (seed by seed), so the floor, and a learned
+    feature network, are computed once per seed and shared; the sets' values are then paired
+    comparisons. ``features`` (fd, kid): "auto" (learned for images, identity for vectors),
+    "identity", "learned" (a network trained per seed on that seed's reference fit rows for
+    ``feature_steps`` steps), a TorchScript path, or a module mapping (n, *shape) -> (n, F).
     """
     t_start = time.perf_counter()
     metric = metric or DEFAULT_METRIC
@@ -309,25 +320,32 @@ def sample_distance(
     kwargs = dict(metric_kwargs or {})
     if int(seeds) < 1:
         raise UsageError(f"--seeds {seeds}: expected an integer >= 1")
-    smp, smp_info = _describe(samples, "samples")
+    if not sets:
+        raise UsageError("no sample sets given")
     ref, ref_info = _describe(reference, "reference")
-    if smp_info["shape"] != ref_info["shape"]:
-        raise UsageError(
-            f"samples {smp_info['name']} have shape {tuple(smp_info['shape'])} per row but the "
-            f"reference {ref_info['name']} has {tuple(ref_info['shape'])}"
-        )
+    smps = {}
+    for name, samples in sets.items():
+        smp, smp_info = _describe(samples, "samples")
+        if smp_info["shape"] != ref_info["shape"]:
+            raise UsageError(
+                f"samples {smp_info['name']} have shape {tuple(smp_info['shape'])} per row but "
+                f"the reference {ref_info['name']} has {tuple(ref_info['shape'])}"
+            )
+        smps[name] = (smp, smp_info)
     is_image = len(ref_info["shape"]) == 3
     feature_kind, feature_module = _resolve_features(features, metric, is_image)
     critic = _needs_fit(metric)
     fit = "critic" if critic else ("features" if feature_kind == "learned" else None)
-    n_ref, n_smp = ref_info["rows"], smp_info["rows"]
+    n_ref = ref_info["rows"]
+    n_smp_min = min(info["rows"] for _, info in smps.values())
     # rows that must remain for training, as a multiple of n_eval (the default keeps them equal)
     fit_share = {"critic": 2, "features": 1, None: 0}[fit]
     if n_eval is None:
-        n_eval = min(_MAX_N_EVAL, n_ref // (2 + fit_share), n_smp // (2 if critic else 1))
+        n_eval = min(_MAX_N_EVAL, n_ref // (2 + fit_share), n_smp_min // (2 if critic else 1))
     if n_eval < 2:
         raise UsageError(
-            f"--n-eval {n_eval}: expected an integer >= 2 (reference has {n_ref} rows, samples {n_smp})"
+            f"--n-eval {n_eval}: expected an integer >= 2 (reference has {n_ref} rows, "
+            f"samples {n_smp_min})"
         )
     need_ref = 2 * n_eval + 2 * fit_share  # at least 2 training rows per trained side
     if n_ref < need_ref:
@@ -338,78 +356,91 @@ def sample_distance(
             + "); lower --n-eval or give more reference rows"
         )
     need_smp = n_eval + (2 if critic else 0)
-    if n_smp < need_smp:
-        raise UsageError(
-            f"samples {smp_info['name']}: {n_smp} rows, but n_eval {n_eval} needs at least "
-            f"{need_smp}"
-            + (" (plus rows to train the critic on)" if critic else "")
-            + "; lower --n-eval"
-        )
+    for _, info in smps.values():
+        if info["rows"] < need_smp:
+            raise UsageError(
+                f"samples {info['name']}: {info['rows']} rows, but n_eval {n_eval} needs at "
+                f"least {need_smp}"
+                + (" (plus rows to train the critic on)" if critic else "")
+                + "; lower --n-eval"
+            )
 
     params = inspect.signature(fn).parameters
     seed_list = [seed + s for s in range(int(seeds))]
-    distances, floors = [], []
-    train_rows: dict[str, Any] = {}
+    distances: dict[str, list[float]] = {name: [] for name in smps}
+    floors: dict[str, list[float]] = {name: [] for name in smps}
+    training: dict[str, dict[str, Any]] = {}
     from tqdm.auto import tqdm
 
     for s in tqdm(seed_list, desc=f"distance {metric}", disable=not progress, leave=False):
-        sp = distance_split(n_ref, n_smp, n_eval, s, fit=fit)
-        ref_eval, ref_floor = _rows(ref, sp.ref_eval), _rows(ref, sp.ref_floor)
-        smp_eval = _rows(smp, sp.smp_eval)
         kw = dict(kwargs)
-        kw_floor = dict(kwargs)
         if "seed" in params and "seed" not in kw:
-            kw["seed"] = kw_floor["seed"] = s
+            kw["seed"] = s
         if feature_kind is not None and feature_kind != "identity":
             module = feature_module
             if feature_kind == "learned":
-                module = _train_features(ref, sp.ref_fit, feature_steps, s)
-                train_rows = {
-                    "what": "feature network",
-                    "reference_rows": len(sp.ref_fit),
-                    "steps": feature_steps,
+                ref_fit = distance_split(n_ref, n_smp_min, n_eval, s, fit=fit).ref_fit
+                module = _train_features(ref, ref_fit, feature_steps, s)
+                for name in smps:
+                    training[name] = {
+                        "what": "feature network",
+                        "reference_rows": len(ref_fit),
+                        "steps": feature_steps,
+                    }
+            kw["features"] = module
+        floor_by_size: dict[int, float] = {}  # the floor depends on the samples only via n_fit
+        for name, (smp, info) in smps.items():
+            sp = distance_split(n_ref, info["rows"], n_eval, s, fit=fit)
+            ref_eval = _rows(ref, sp.ref_eval)
+            kw_d, kw_f = dict(kw), dict(kw)
+            if critic:
+                fit_ref = _rows(ref, sp.ref_fit)
+                kw_d.update(fit_x=_rows(smp, sp.smp_fit), fit_y=fit_ref)
+                kw_f.update(fit_x=_rows(ref, sp.ref_fit_floor), fit_y=fit_ref)
+                training[name] = {
+                    "what": "critic: samples vs reference for the distance, reference vs "
+                    "reference for the floor",
+                    "reference_rows": len(sp.ref_fit) + len(sp.ref_fit_floor),
+                    "sample_rows": len(sp.smp_fit),
                 }
-            kw["features"] = kw_floor["features"] = module
-        if critic:
-            fit_ref = _rows(ref, sp.ref_fit)
-            kw.update(fit_x=_rows(smp, sp.smp_fit), fit_y=fit_ref)
-            kw_floor.update(fit_x=_rows(ref, sp.ref_fit_floor), fit_y=fit_ref)
-            train_rows = {
-                "what": "critic: samples vs reference for the distance, reference vs reference "
-                "for the floor",
-                "reference_rows": len(sp.ref_fit) + len(sp.ref_fit_floor),
-                "sample_rows": len(sp.smp_fit),
-            }
-        distances.append(float(fn(smp_eval, ref_eval, **kw)))
-        floors.append(float(fn(ref_floor, ref_eval, **kw_floor)))
+            key = len(sp.smp_fit)
+            if key not in floor_by_size:
+                floor_by_size[key] = float(fn(_rows(ref, sp.ref_floor), ref_eval, **kw_f))
+            floors[name].append(floor_by_size[key])
+            distances[name].append(float(fn(_rows(smp, sp.smp_eval), ref_eval, **kw_d)))
 
-    distance, floor = mean_ci(distances), mean_ci(floors)
-    verdict = _verdict(distance, floor)
-    warnings = []
-    if verdict == "below":
-        warnings.append(
-            f"the samples score below the floor beyond both intervals: at n_eval {n_eval} in "
-            f"{math.prod(ref_info['shape'])} dimensions {metric} rewards samples concentrated "
-            "near the bulk of the data over fresh data; use an unbiased metric (mmd, kid, critic)"
-        )
-    report = {
-        "metric": metric,
-        "metric_kwargs": {k: v for k, v in kwargs.items()},
-        "space": _space(metric, fn, features, feature_kind or "", kwargs, ref_info["shape"]),
-        "features": feature_kind,
-        "n_eval": n_eval,
-        "seeds": seed_list,
-        "distance": distance,
-        "floor": floor,
-        "verdict": verdict,
-        "training": train_rows or None,
-        "samples": smp_info,
-        "reference": ref_info,
-        "warnings": warnings,
-        "timings": {"total_s": time.perf_counter() - t_start},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    return DistanceResult(report)
+    elapsed = time.perf_counter() - t_start
+    out = {}
+    for name, (_, smp_info) in smps.items():
+        distance, floor = mean_ci(distances[name]), mean_ci(floors[name])
+        verdict = _verdict(distance, floor)
+        warnings = []
+        if verdict == "below":
+            warnings.append(
+                f"the samples score below the floor beyond both intervals: at n_eval {n_eval} "
+                f"in {math.prod(ref_info['shape'])} dimensions {metric} rewards samples "
+                "concentrated near the bulk of the data over fresh data; use an unbiased metric "
+                "(mmd, kid, critic)"
+            )
+        report = {
+            "metric": metric,
+            "metric_kwargs": dict(kwargs),
+            "space": _space(metric, fn, features, feature_kind or "", kwargs, ref_info["shape"]),
+            "features": feature_kind,
+            "n_eval": n_eval,
+            "seeds": seed_list,
+            "distance": distance,
+            "floor": floor,
+            "verdict": verdict,
+            "training": training.get(name),
+            "samples": smp_info,
+            "reference": ref_info,
+            "warnings": warnings,
+            "timings": {"total_s": elapsed, "sets_scored_together": len(smps)},
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        out[name] = DistanceResult(report)
+    return out
 
 
 def _verdict(distance: dict, floor: dict) -> str:
