@@ -12,8 +12,12 @@ from scipy.stats import wasserstein_distance
 
 from latentdist.discrepancy import (
     METRICS,
+    MMD_SCALES,
     _exact_ot,
+    critic,
     discrepancy,
+    fd,
+    kid,
     median_bandwidth,
     mmd,
     sinkhorn,
@@ -113,10 +117,16 @@ def test_mmd_closed_forms_and_independent_kernel() -> None:
     # distance of the pooled sample is |a - b| (n^2 of the n(2n-1) pairs), so k = e^{-1/2}
     a, b = np.zeros(3), np.array([1.0, 2.0, 2.0])
     x, y = np.tile(a, (10, 1)), np.tile(b, (10, 1))
-    assert mmd(x, y) == pytest.approx(2 - 2 * math.exp(-0.5), rel=1e-12)
+    assert mmd(x, y, scales=(1,)) == pytest.approx(2 - 2 * math.exp(-0.5), rel=1e-12)
+    # the default kernel averages Gaussians at a_s * sigma: k(a, b) = mean_s exp(-1/(2 a_s^2))
+    k_ab = np.mean([math.exp(-1 / (2 * s**2)) for s in MMD_SCALES])
+    assert mmd(x, y) == pytest.approx(2 - 2 * k_ab, rel=1e-12)
     # identical, well-separated points with a tiny kernel: k = identity, MMD_u^2 = -2/n
     grid = np.arange(20.0)[:, None] * 100
     assert mmd(grid, grid, bandwidth=1.0) == pytest.approx(-2 / 20, rel=1e-12)
+    # a bandwidth fixed by a reference: the median within that sample alone
+    ref = np.array([[0.0], [1.0], [3.0]])  # pair distances 1, 2, 3
+    assert median_bandwidth(ref) == 2.0
     # general case against a direct O(n^2) computation
     x, y = _samples(30, 40, 4, seed=8)
     sigma = median_bandwidth(torch.tensor(x), torch.tensor(y))
@@ -125,7 +135,7 @@ def test_mmd_closed_forms_and_independent_kernel() -> None:
     assert sigma == pytest.approx(np.median(np.sqrt(_cdist2(pooled, pooled))[iu]), rel=1e-10)
 
     def k(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-        return np.exp(-_cdist2(u, v) / (2 * sigma**2))
+        return np.mean([np.exp(-_cdist2(u, v) / (2 * (s * sigma) ** 2)) for s in MMD_SCALES], 0)
 
     kxx, kyy = k(x, x), k(y, y)
     expected = (
@@ -136,7 +146,50 @@ def test_mmd_closed_forms_and_independent_kernel() -> None:
     assert mmd(x, y) == pytest.approx(expected, rel=1e-10)
 
 
-@pytest.mark.parametrize("name", sorted(METRICS))
+def test_kid_against_direct_polynomial_kernel() -> None:
+    x, y = _samples(30, 40, 5, seed=11)
+
+    def k(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        return (u @ v.T / 5 + 1) ** 3
+
+    kxx, kyy = k(x, x), k(y, y)
+    expected = (
+        (kxx.sum() - np.trace(kxx)) / (30 * 29)
+        + (kyy.sum() - np.trace(kyy)) / (40 * 39)
+        - 2 * k(x, y).mean()
+    )
+    assert kid(x, y) == pytest.approx(expected, rel=1e-10)
+    # features are applied to both samples first: doubling them = kid of the doubled samples
+    double = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(5, 5, bias=False))
+    with torch.no_grad():
+        double[1].weight.copy_(2 * torch.eye(5))
+    assert kid(x, y, features=double) == pytest.approx(kid(2 * x, 2 * y), rel=1e-6)
+
+
+def test_fd_is_the_gaussian_closed_form_on_identity_features() -> None:
+    # FD between N(0, I) and N(m, 4 I) in 3-D: |m|^2 + 3 (1 + 4 - 2 * 2) = |m|^2 + 3
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(20000, 3))
+    y = np.array([1.0, 0.0, 2.0]) + 2 * rng.normal(size=(20000, 3))
+    assert fd(x, y) == pytest.approx(5 + 3, rel=0.03)
+
+
+def test_critic_is_a_heldout_lower_bound_on_w1() -> None:
+    # N(0, I) vs N(mu, I) in 2-D: W1 = |mu| (a translation); f(v) = <v, mu>/|mu| attains it.
+    rng = np.random.default_rng(13)
+    mu = np.array([1.5, 0.0])
+    x, y = rng.normal(size=(2000, 2)) + mu, rng.normal(size=(2000, 2))
+    value = critic(x, y, steps=300, width=64)
+    assert 0.85 * 1.5 < value < 1.5 + 0.1  # trained on halves, scored on the other halves
+    # two samples of one distribution: ~0 (a fixed f scored on fresh rows), not W1's bias
+    same = critic(rng.normal(size=(2000, 2)), rng.normal(size=(2000, 2)), steps=300, width=64)
+    assert abs(same) < 0.1
+    assert w1(rng.normal(size=(1000, 2)), rng.normal(size=(1000, 2))) > 0.1
+    with pytest.raises(UsageError, match="both fit_x and fit_y"):
+        critic(x, y, fit_x=x)
+
+
+@pytest.mark.parametrize("name", sorted(set(METRICS) - {"critic"}))
 def test_symmetry(name: str) -> None:
     x, y = _samples(50, 50, 4, seed=9)
     assert discrepancy(name, x, y) == pytest.approx(discrepancy(name, y, x), rel=1e-6, abs=1e-9)

@@ -8,7 +8,13 @@ Both samples carry uniform weights 1/n and 1/m. Formulas, units and sources: doc
 * ``w2``       exact W2 = sqrt(OT with squared Euclidean cost) (distance units)
 * ``sinkhorn`` sqrt(max(S_eps, 0)), debiased Sinkhorn divergence (distance units)
 * ``sliced``   sliced W2 over random directions               (distance units)
-* ``mmd``      unbiased MMD^2, Gaussian kernel                 (dimensionless, may be < 0)
+* ``mmd``      unbiased MMD^2, sum of Gaussian kernels          (dimensionless, may be < 0)
+* ``kid``      unbiased MMD^2, cubic polynomial kernel (KID)     (dimensionless, may be < 0)
+* ``fd``       Frechet distance of Gaussian fits (W2^2 of them)  (squared distance units)
+* ``critic``   held-out neural-net distance, Lipschitz critic   (distance units, lower bound on W1)
+
+``kid`` and ``fd`` take ``features`` (a module applied to both samples first; identity by
+default). ``critic`` trains on rows disjoint from the ones it scores (``NEEDS_FIT``).
 """
 
 from __future__ import annotations
@@ -29,8 +35,14 @@ from latentdist.errors import UsageError
 
 __all__ = [
     "METRICS",
+    "MMD_SCALES",
+    "NEEDS_FIT",
+    "UNBIASED",
+    "critic",
     "default_blur",
     "discrepancy",
+    "fd",
+    "kid",
     "median_bandwidth",
     "mmd",
     "sinkhorn",
@@ -44,6 +56,10 @@ Array = Any  # np.ndarray | torch.Tensor | nested sequences
 
 _EMD_MAX_ITER = 10**12  # network simplex pivots: effectively unbounded, so it never stops early
 _MEDIAN_MAX_POINTS = 2000  # pooled points used by the median heuristic (fixed-seed subsample)
+# Bandwidth multipliers of the default MMD kernel: one Gaussian at the median distance loses its
+# power as the dimension grows (Ramdas et al. 2015); a sum over scales around it keeps some
+# (benchmarks/results/validity.md measures it on MNIST).
+MMD_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 def _flat(a: Array, name: str) -> torch.Tensor:
@@ -169,13 +185,14 @@ def sliced(x: Array, y: Array, *, n_projections: int = 256, seed: int = 0) -> fl
     return float(value)
 
 
-def median_bandwidth(x: torch.Tensor, y: torch.Tensor) -> float:
+def median_bandwidth(x: Array, y: Array | None = None) -> float:
     """Median heuristic (Gretton et al. 2012): median Euclidean distance over distinct pairs.
 
-    Pairs are taken within the pooled sample (x, y); above 2000 pooled points a fixed-seed
-    subsample of 2000 is used (the median is stable and the full pair matrix would not fit).
+    Pairs are taken within the pooled sample (x, y), or within ``x`` alone when ``y`` is None
+    (a kernel fixed by a reference sample). Above 2000 points a fixed-seed subsample of 2000 is
+    used (the median is stable and the full pair matrix would not fit).
     """
-    pooled = torch.cat([x, y])
+    pooled = _flat(x, "x") if y is None else torch.cat(_pair(x, y))
     if len(pooled) > _MEDIAN_MAX_POINTS:
         idx = np.random.default_rng(0).choice(len(pooled), _MEDIAN_MAX_POINTS, replace=False)
         pooled = pooled[torch.as_tensor(idx)]
@@ -186,38 +203,125 @@ def median_bandwidth(x: torch.Tensor, y: torch.Tensor) -> float:
     return med if med > 0 else 1.0
 
 
-def _kernel_sum(x: torch.Tensor, y: torch.Tensor, gamma: float, *, exclude_diag: bool) -> float:
-    """sum_ij exp(-gamma |x_i - y_j|^2), in row blocks to bound memory."""
+def _gaussian_kernel(
+    gammas: tuple[float, ...],
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """k(u, v) = mean_s exp(-gamma_s |u - v|^2) as a function of two row blocks."""
+
+    def k(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        d2 = _sq_dists(a, b)
+        return sum(torch.exp(-g * d2) for g in gammas) / len(gammas)
+
+    return k
+
+
+def _polynomial_kernel(dim: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """k(u, v) = (<u, v> / dim + 1)^3, the KID kernel."""
+    return lambda a, b: (a @ b.T / dim + 1.0) ** 3
+
+
+def _kernel_sum(kernel, x: torch.Tensor, y: torch.Tensor, *, exclude_diag: bool) -> float:
+    """sum_ij k(x_i, y_j), in row blocks to bound memory."""
     total = 0.0
     block = max(1, 2**24 // max(1, len(y)))
     for start in range(0, len(x), block):
-        k = torch.exp(-gamma * _sq_dists(x[start : start + block], y))
+        k = kernel(x[start : start + block], y)
         if exclude_diag:
             k.diagonal(offset=start).zero_()
         total += float(k.sum())
     return total
 
 
-def mmd(x: Array, y: Array, *, bandwidth: float | None = None) -> float:
-    """Unbiased estimate of MMD^2 with a Gaussian kernel (Gretton et al., JMLR 2012, eq. 3).
+def _unbiased_mmd2(kernel, x: torch.Tensor, y: torch.Tensor, what: str) -> float:
+    """Unbiased MMD^2 (Gretton et al., JMLR 2012, eq. 3) for the kernel ``kernel``."""
+    n, m = len(x), len(y)
+    if n < 2 or m < 2:
+        raise UsageError(f"{what}: each sample needs at least 2 points for the unbiased estimate")
+    kxx = _kernel_sum(kernel, x, x, exclude_diag=True) / (n * (n - 1))
+    kyy = _kernel_sum(kernel, y, y, exclude_diag=True) / (m * (m - 1))
+    kxy = _kernel_sum(kernel, x, y, exclude_diag=False) / (n * m)
+    return kxx + kyy - 2.0 * kxy
+
+
+def mmd(
+    x: Array,
+    y: Array,
+    *,
+    bandwidth: float | None = None,
+    scales: tuple[float, ...] = MMD_SCALES,
+) -> float:
+    """Unbiased estimate of MMD^2 with a sum of Gaussian kernels (Gretton et al., JMLR 2012).
 
     MMD_u^2 = 1/(n(n-1)) sum_{i!=j} k(x_i, x_j) + 1/(m(m-1)) sum_{i!=j} k(y_i, y_j)
-              - 2/(nm) sum_{i,j} k(x_i, y_j),      k(u, v) = exp(-|u - v|^2 / (2 sigma^2)),
-    sigma = ``bandwidth`` or, by default, ``median_bandwidth`` (median pairwise distance of the
-    pooled sample). Unbiased, so it can be slightly negative when P = Q. Needs n, m >= 2.
+              - 2/(nm) sum_{i,j} k(x_i, y_j),
+    k(u, v) = 1/S sum_s exp(-|u - v|^2 / (2 (a_s sigma)^2)) over the ``scales`` a_1..a_S
+    (default ``MMD_SCALES`` = 0.25 ... 4; ``scales=(1,)`` is the single median-bandwidth kernel),
+    sigma = ``bandwidth`` or, by default, ``median_bandwidth`` of the pooled sample. Pass a
+    bandwidth fixed by a reference sample (``median_bandwidth(reference)``) to judge several
+    samples with one kernel, as ``measure`` and ``sample_distance`` do. A sum of characteristic
+    kernels is characteristic, so MMD = 0 iff P = Q. Unbiased: it can be slightly negative when
+    P = Q. Needs n, m >= 2.
     """
     xt, yt = _pair(x, y)
-    n, m = len(xt), len(yt)
-    if n < 2 or m < 2:
-        raise UsageError("mmd: each sample needs at least 2 points for the unbiased estimate")
     sigma = median_bandwidth(xt, yt) if bandwidth is None else float(bandwidth)
     if not sigma > 0:
         raise UsageError(f"mmd: bandwidth must be positive, got {bandwidth}")
-    gamma = 1.0 / (2.0 * sigma**2)
-    kxx = _kernel_sum(xt, xt, gamma, exclude_diag=True) / (n * (n - 1))
-    kyy = _kernel_sum(yt, yt, gamma, exclude_diag=True) / (m * (m - 1))
-    kxy = _kernel_sum(xt, yt, gamma, exclude_diag=False) / (n * m)
-    return kxx + kyy - 2.0 * kxy
+    if not scales or not all(s > 0 for s in scales):
+        raise UsageError(f"mmd: scales must be positive numbers, got {scales}")
+    gammas = tuple(1.0 / (2.0 * (s * sigma) ** 2) for s in scales)
+    return _unbiased_mmd2(_gaussian_kernel(gammas), xt, yt, "mmd")
+
+
+def _featurize(a: Array, features: Callable | None) -> Array:
+    if features is None:
+        return a
+    t = a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a), dtype=torch.float32)
+    from latentdist.evaluation.generation import extract_features
+
+    return extract_features(features, t)
+
+
+def kid(x: Array, y: Array, *, features: Callable | None = None) -> float:
+    """Kernel Inception Distance: unbiased MMD^2 with k(u, v) = (<u, v>/F + 1)^3 on features.
+
+    Binkowski et al., ICLR 2018 ("Demystifying MMD GANs"), with F the feature dimension. The
+    estimate is taken over the whole samples at once (the subset average of FID tools has the
+    same expectation and more variance). ``features``: a module mapping (n, ...) -> (n, F),
+    applied to both samples first; None keeps the samples as they are (identity features).
+    """
+    xt, yt = _pair(_featurize(x, features), _featurize(y, features))
+    return _unbiased_mmd2(_polynomial_kernel(xt.shape[1]), xt, yt, "kid")
+
+
+def fd(x: Array, y: Array, *, features: Callable | None = None) -> float:
+    """Frechet distance between Gaussians fitted to (features of) ``x`` and ``y`` (FID form).
+
+    FD = |mu_x - mu_y|^2 + Tr(S_x + S_y - 2 (S_x S_y)^{1/2}) (Dowson & Landau 1982; Heusel et
+    al. 2017): W2^2 between the Gaussian fits, so a lower bound on W2^2 between the fits' parent
+    distributions only when those are Gaussian. Biased upward at finite n (Chong & Forsyth 2020):
+    compare values at equal sample sizes, as the floor beside it does.
+    """
+    from latentdist.evaluation.generation import frechet_distance
+
+    xt, yt = _pair(_featurize(x, features), _featurize(y, features))
+    return frechet_distance(xt.numpy(), yt.numpy())
+
+
+def critic(
+    x: Array, y: Array, *, fit_x: Array | None = None, fit_y: Array | None = None, **settings: Any
+) -> float:
+    """Held-out neural-net distance E_x f - E_y f for a critic f trained on other rows.
+
+    See ``latentdist.discrepancy.critic.heldout_critic_distance``: f is a Lipschitz (gradient
+    penalty) MLP for vectors or a small conv net for images, trained to maximise the gap on
+    ``fit_x`` vs ``fit_y``; without them, on the first halves of ``x`` and ``y``, which are then
+    scored on their second halves. A fixed f makes the value an unbiased estimate of
+    E_P f - E_Q f <= d_F(P, Q) (Arora et al. 2017), so two samples of one distribution score
+    ~0 rather than the positive bias of empirical W1.
+    """
+    from latentdist.discrepancy.critic import heldout_critic_distance
+
+    return heldout_critic_distance(x, y, fit_x=fit_x, fit_y=fit_y, **settings)
 
 
 METRICS: dict[str, Callable[..., float]] = {
@@ -226,7 +330,12 @@ METRICS: dict[str, Callable[..., float]] = {
     "sinkhorn": sinkhorn,
     "sliced": sliced,
     "mmd": mmd,
+    "kid": kid,
+    "fd": fd,
+    "critic": critic,
 }
+NEEDS_FIT = frozenset({"critic"})  # trained on rows disjoint from the scored ones
+UNBIASED = frozenset({"mmd", "kid", "critic"})  # two samples of one distribution score 0 on average
 
 
 def discrepancy(name: str, x: Array, y: Array, **kwargs: Any) -> float:

@@ -400,13 +400,19 @@ def load_feature_extractor(path: str | os.PathLike) -> nn.Module:
 
 
 @torch.no_grad()
-def _features(net: nn.Module, x: torch.Tensor, batch_size: int = 512) -> np.ndarray:
+def extract_features(net: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """``net`` applied to ``x`` in batches on the net's device: (n, F) float64 CPU tensor."""
     params = list(net.parameters())
     device = params[0].device if params else torch.device("cpu")
     out = [
-        net(x[s : s + batch_size].to(device)).flatten(1).cpu() for s in range(0, len(x), batch_size)
+        net(x[s : s + batch_size].to(device, torch.float32)).flatten(1).cpu()
+        for s in range(0, len(x), batch_size)
     ]
-    return torch.cat(out).double().numpy()
+    return torch.cat(out).double()
+
+
+def _features(net: nn.Module, x: torch.Tensor, batch_size: int = 512) -> np.ndarray:
+    return extract_features(net, x, batch_size).numpy()
 
 
 def generation_metrics(
