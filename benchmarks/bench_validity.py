@@ -96,15 +96,16 @@ def above(d: dict, f: dict) -> bool:
 
 def gaussian_mmd2(delta2: float, dim: int, bandwidth: float, scales) -> float:
     """Exact MMD^2 between N(a, I_d) and N(b, I_d), |a - b|^2 = delta2, for the kernel
-    sum_s exp(-|x - y|^2 / (2 (s h)^2)): for one bandwidth w, E k(X, X') with X - X' ~ N(0, 2I)
-    is c = (w^2 / (w^2 + 2))^(d/2), and E k(X, Y) = c exp(-delta2 / (2 (w^2 + 2))); so
-    MMD^2 = 2 c (1 - exp(-delta2 / (2 (w^2 + 2)))) (Gretton et al. 2012, eq. 3 in expectation)."""
+    1/S sum_s exp(-|x - y|^2 / (2 (s h)^2)) (latentdist's mmd): for one bandwidth w,
+    E k(X, X') with X - X' ~ N(0, 2I) is c = (w^2 / (w^2 + 2))^(d/2), and
+    E k(X, Y) = c exp(-delta2 / (2 (w^2 + 2))); so MMD^2 = 2 c (1 - exp(-delta2 / (2 (w^2 + 2))))
+    per bandwidth (Gretton et al. 2012, eq. 3 in expectation), averaged over the scales."""
     total = 0.0
     for s in scales:
         w2 = (s * bandwidth) ** 2
         c = (w2 / (w2 + 2.0)) ** (dim / 2)
         total += 2.0 * c * (1.0 - math.exp(-delta2 / (2.0 * (w2 + 2.0))))
-    return total
+    return total / len(scales)
 
 
 def mmd_scales() -> tuple:

@@ -12,9 +12,9 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 import latentdist as ld
-from latentdist.discrepancy import METRICS, discrepancy
+from latentdist.discrepancy import METRICS, discrepancy, median_bandwidth
 from latentdist.errors import UsageError
-from latentdist.evaluation.distance import distance_split, sample_distance
+from latentdist.evaluation.distance import _train_features, distance_split, sample_distance
 
 UNBIASED = [m for m in ("mmd", "kid", "critic") if m in METRICS]
 
@@ -34,7 +34,13 @@ def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
 @pytest.mark.parametrize("metric", UNBIASED)
 def test_unbiased_floor_interval_covers_zero(digits_halves, metric):
     _, ref = digits_halves
-    r = sample_distance(ref, ref, metric=metric, n_eval=250, seeds=5).report
+    # any fixed kernel, feature map or critic keeps the estimate unbiased: the cheap ones here
+    settings = {
+        "mmd": {},
+        "kid": {"features": "identity"},
+        "critic": {"metric_kwargs": {"steps": 40}},
+    }[metric]
+    r = sample_distance(ref, ref, metric=metric, n_eval=250, seeds=5, **settings).report
     lo, hi = r["floor"]["ci"]
     assert lo <= 0.0 <= hi, r["floor"]
 
@@ -70,6 +76,9 @@ def test_values_equal_a_direct_call_on_the_same_split(digits_halves, metric):
     for i, s in enumerate(r["seeds"]):
         sp = distance_split(len(ref), len(smp), 200, s)
         kw = {"seed": s} if metric == "sliced" else {}
+        if metric == "mmd":  # one kernel, fixed by the seed's reference evaluation rows
+            kw = {"bandwidth": median_bandwidth(ref[sp.ref_eval])}
+            assert r["kernel_bandwidth_per_seed"][i] == kw["bandwidth"]
         direct = discrepancy(metric, smp[sp.smp_eval], ref[sp.ref_eval], **kw)
         floor = discrepancy(metric, ref[sp.ref_floor], ref[sp.ref_eval], **kw)
         assert r["distance"]["per_seed"][i] == pytest.approx(direct, rel=1e-6, abs=1e-12)
@@ -90,7 +99,9 @@ def test_split_is_disjoint_and_sized_for_training():
 @pytest.mark.skipif("critic" not in METRICS, reason="critic metric not on this branch yet")
 def test_critic_reports_its_training_rows(digits_halves):
     smp, ref = digits_halves
-    r = sample_distance(_blur(smp, 0.7), ref, metric="critic", n_eval=200, seeds=2).report
+    r = sample_distance(
+        _blur(smp, 0.7), ref, metric="critic", n_eval=200, seeds=2, metric_kwargs={"steps": 40}
+    ).report
     t = r["training"]
     assert t["sample_rows"] > 0 and t["reference_rows"] == 2 * t["sample_rows"]
     assert t["reference_rows"] + 2 * r["n_eval"] <= len(ref)
@@ -160,3 +171,19 @@ def test_python_api_rejects_nan_tensors():
     x[0, 0] = float("nan")
     with pytest.raises(UsageError, match="NaN"):
         sample_distance(x, torch.zeros(50, 4), metric="mmd", n_eval=10)
+
+
+@pytest.mark.skipif("fd" not in METRICS, reason="fd metric not on this branch yet")
+def test_learned_features_train_on_reference_rows_never_scored(digits_halves):
+    """fd in a learned feature space: the network is the one trained on the seed's fit rows
+    (disjoint from the evaluation and floor rows), and the value is fd on its features."""
+    smp, ref = digits_halves
+    r = sample_distance(
+        _blur(smp, 0.7), ref, metric="fd", n_eval=300, seeds=2, feature_steps=15
+    ).report
+    assert r["features"] == "learned" and r["training"]["reference_rows"] == len(ref) - 600
+    sp = distance_split(len(ref), len(smp), 300, 1, fit="features")
+    assert not set(sp.ref_fit) & (set(sp.ref_eval) | set(sp.ref_floor))
+    net = _train_features(torch.as_tensor(ref), sp.ref_fit, 15, 1)
+    direct = discrepancy("fd", _blur(smp, 0.7)[sp.smp_eval], ref[sp.ref_eval], features=net)
+    assert r["distance"]["per_seed"][1] == pytest.approx(direct, rel=1e-5)

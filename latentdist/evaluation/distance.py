@@ -242,9 +242,14 @@ def _space(
     if metric == "mmd":
         scales = kwargs.get("scales", params["scales"].default if "scales" in params else (1,))
         bw = kwargs.get("bandwidth")
-        sigma = f"{bw:g}" if bw else "the median pairwise distance within the reference rows"
+        sigma = (
+            f"{bw:g}"
+            if bw
+            else "the median pairwise distance within the seed's reference evaluation rows "
+            "(kernel_bandwidth_per_seed), one kernel for the floor and the samples"
+        )
         return (
-            f"unbiased MMD^2, sum of Gaussian kernels at bandwidths {tuple(scales)} x sigma, "
+            f"unbiased MMD^2, mean of Gaussian kernels at bandwidths {tuple(scales)} x sigma, "
             f"sigma = {sigma}; data space ({dim} dimensions)"
         )
     if metric == "critic":
@@ -370,7 +375,10 @@ def sample_distances(
     distances: dict[str, list[float]] = {name: [] for name in smps}
     floors: dict[str, list[float]] = {name: [] for name in smps}
     training: dict[str, dict[str, Any]] = {}
+    bandwidths: list[float] = []
     from tqdm.auto import tqdm
+
+    from latentdist.discrepancy import median_bandwidth
 
     for s in tqdm(seed_list, desc=f"distance {metric}", disable=not progress, leave=False):
         kw = dict(kwargs)
@@ -388,10 +396,15 @@ def sample_distances(
                         "steps": feature_steps,
                     }
             kw["features"] = module
+        # the reference's rows of this seed do not depend on the samples' size
+        ref_eval = _rows(ref, distance_split(n_ref, n_smp_min, n_eval, s, fit=fit).ref_eval)
+        if metric == "mmd" and kw.get("bandwidth") is None:
+            # one kernel for the floor and every set: fixed by the reference (median heuristic)
+            kw["bandwidth"] = median_bandwidth(ref_eval)
+            bandwidths.append(kw["bandwidth"])
         floor_by_size: dict[int, float] = {}  # the floor depends on the samples only via n_fit
         for name, (smp, info) in smps.items():
             sp = distance_split(n_ref, info["rows"], n_eval, s, fit=fit)
-            ref_eval = _rows(ref, sp.ref_eval)
             kw_d, kw_f = dict(kw), dict(kw)
             if critic:
                 fit_ref = _rows(ref, sp.ref_fit)
@@ -427,6 +440,7 @@ def sample_distances(
             "metric_kwargs": dict(kwargs),
             "space": _space(metric, fn, features, feature_kind or "", kwargs, ref_info["shape"]),
             "features": feature_kind,
+            "kernel_bandwidth_per_seed": bandwidths or None,
             "n_eval": n_eval,
             "seeds": seed_list,
             "distance": distance,
