@@ -30,10 +30,12 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
+import re
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +44,7 @@ from scipy.ndimage import gaussian_filter
 from scipy.stats import norm, ortho_group
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import markdown_table, write_result  # noqa: E402
+from common import RESULTS, markdown_table, write_result  # noqa: E402
 
 import latentdist as ld  # noqa: E402
 from latentdist.discrepancy import METRICS  # noqa: E402
@@ -75,7 +77,8 @@ def columns() -> list[Column]:
         if m in METRICS:
             cols += [Column(f"{m} id", m, (), "identity"), Column(f"{m} feat", m, (), "learned")]
     if "critic" in METRICS:
-        cols.append(Column("critic", "critic"))
+        dev = (("device", "cuda"),) if torch.cuda.is_available() else ()
+        cols.append(Column("critic", "critic", dev))
     return cols
 
 
@@ -554,13 +557,29 @@ def v6(steps: int) -> str:
 
 # ---------------------------------------------------------------- main
 
+SECTION = re.compile(r"^## (V\d)\b", re.M)
+
+
+def merge_sections(old: str, new: dict[str, str]) -> dict[str, str]:
+    """Sections of an earlier results file (split at '## Vn' headings), replaced by ``new``."""
+    parts = SECTION.split(old)
+    kept = {parts[k]: "## " + parts[k] + parts[k + 1] for k in range(1, len(parts) - 1, 2)}
+    kept.update(new)
+    return {k: kept[k].rstrip() + "\n" for k in sorted(kept)}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="a few minutes: for CI")
-    ap.add_argument("--only", default=None, help="comma-separated checks, e.g. V2,V4")
+    ap.add_argument("--only", default=None, help="comma-separated checks, e.g. V2,V4 (the other "
+                    "sections of the results file are kept)")  # fmt: skip
     ap.add_argument("--seeds", type=int, default=None, help="V2 seeds")
     ap.add_argument("--steps", type=int, default=None, help="V3/V4 fit steps (default: measure's)")
+    ap.add_argument(
+        "--columns", default=None, help="V2/V5 metric columns (labels, comma-separated)"
+    )
+    ap.add_argument("--critic", action="store_true", help="include the critic column on CPU "
+                    "(minutes per critic on 2 cores; included by default with a GPU)")  # fmt: skip
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
@@ -568,46 +587,72 @@ def main() -> None:
     if args.small:
         only.discard("V6")  # DAE vs joint at small size: bench_quality --small
     cols = columns()
-    sections, summary = [], []
-    t_all = time.perf_counter()
+    if args.columns:
+        cols = [c for c in cols if c.label in args.columns.split(",")]
+    elif not (args.critic or torch.cuda.is_available()):
+        cols = [c for c in cols if c.metric != "critic"]
     default = MeasureConfig()
+    stamp = (
+        f"_{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; defaults metric={default.metric}, "
+        f"fit={default.fit}_"
+    )
+    sections: dict[str, str] = {}
+
+    def add(key: str, text: str, verdict_lines: list[str], t0: float) -> None:
+        head, _, rest = text.partition("\n")
+        summary = "".join(f"- {v}\n" for v in verdict_lines)
+        sections[key] = (
+            f"{head}\n\n{stamp}; {time.perf_counter() - t0:.0f} s\n\n{summary}{rest.lstrip()}"
+        )
+        print(sections[key], flush=True)
+
+    t_all = time.perf_counter()
     if "V1" in only:
-        sections.append(v1(args.small))
+        t0 = time.perf_counter()
+        add("V1", v1(args.small), [], t0)
     if "V2" in only:
+        t0 = time.perf_counter()
         v2_cols = cols if not args.small else [c for c in cols if c.label != "sinkhorn"]
         text, verdicts = v2(args.small, v2_cols, args.seeds)
-        sections.append(text)
-        summary += [
-            f"- V2 {k}: {p}/7 above the floor, {'ordered' if not bad else 'not ordered'}"
+        lines = [
+            f"{k}: {p}/7 above the floor, {'ordered' if not bad else 'not ordered'}"
             for k, (p, bad) in verdicts.items()
         ]
+        add("V2", text, lines, t0)
     if "V3" in only:
-        fits = [f for f in FITS] if not args.small else [default.fit]
+        t0 = time.perf_counter()
+        fits = list(FITS) if not args.small else [default.fit]
         caps = (8, 32) if args.small else (8, 32, 64)
         text, verdicts = v3(args.small, fits, caps, args.steps)
-        sections.append(text)
-        summary += [f"- V3 fit={k}: {'pass' if ok else 'fail'}" for k, (ok, _) in verdicts.items()]
+        add(
+            "V3",
+            text,
+            [f"fit={k}: {'pass' if ok else 'fail'}" for k, (ok, _) in verdicts.items()],
+            t0,
+        )
     if "V4" in only:
+        t0 = time.perf_counter()
         text, verdicts = v4(args.small, (8, 32) if args.small else None, args.steps)
-        sections.append(text)
-        summary += [f"- V4 default: {'pass' if verdicts['default'][0] else 'fail'}"]
+        add("V4", text, [f"default: {'pass' if verdicts['default'][0] else 'fail'}"], t0)
     if "V5" in only:
-        sections.append(v5(args.small, cols))
+        t0 = time.perf_counter()
+        add("V5", v5(args.small, cols), [], t0)
     if "V6" in only:
-        sections.append(v6(300))
-    total = time.perf_counter() - t_all
-    body = (
-        f"Defaults under test: metric={default.metric}, fit={default.fit}. Total "
-        f"{total:.0f} s.\n\n" + "\n".join(summary) + "\n\n" + "\n".join(sections)
-    )
-    name = "validity" + ("_small" if args.small else "")
-    if args.only:
-        name += "_" + "".join(sorted(only))
+        t0 = time.perf_counter()
+        add("V6", v6(300), [], t0)
+    print(f"bench_validity: {time.perf_counter() - t_all:.0f} s", flush=True)
     if args.no_write:
-        print(body)
         return
-    path = write_result(name, "Validity of the distance", body)
-    print(path.read_text())
+    name = "validity" + ("_small" if args.small else "")
+    old_path = RESULTS / f"{name}.md"
+    old = old_path.read_text() if args.only and old_path.exists() else ""
+    merged = merge_sections(old, sections)
+    intro = (
+        "One section per check (benchmarks/bench_validity.py; each stamped with when it ran and "
+        "the estimator's defaults then). Cells: mean ± 95 % half-width over seeds.\n\n"
+    )
+    path = write_result(name, "Validity of the distance", intro + "\n".join(merged.values()))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

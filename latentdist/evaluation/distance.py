@@ -24,10 +24,12 @@ O(n^(-1/2)) spread (Arora et al. 2017, "Generalization and Equilibrium in GANs")
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import math
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -467,17 +469,38 @@ def _verdict(distance: dict, floor: dict) -> str:
     return "within"
 
 
+_FEATURE_CACHE: OrderedDict[str, torch.nn.Module] = OrderedDict()
+_FEATURE_CACHE_SIZE = 8
+
+
 def _train_features(ref: Any, rows: np.ndarray, steps: int, seed: int) -> torch.nn.Module:
-    """A feature network trained on the reference rows ``rows`` only (with their labels if any)."""
+    """A feature network trained on the reference rows ``rows`` only (with their labels if any).
+
+    Training is deterministic in (rows' content, labels, steps, seed), so the last few networks
+    are kept by a content hash: fd and kid on the same split then share one network.
+    """
     from latentdist.data.source import DataSource
     from latentdist.evaluation.generation import train_feature_net
 
     x = _rows(ref, rows)
     labels = getattr(ref, "labels", None)
+    labels = None if labels is None else np.asarray(labels)[rows]
+    h = hashlib.sha256(x.numpy().tobytes())
+    h.update(repr((tuple(x.shape), steps, seed)).encode())
+    if labels is not None:
+        h.update(np.ascontiguousarray(labels).tobytes())
+    key = h.hexdigest()
+    if key in _FEATURE_CACHE:
+        _FEATURE_CACHE.move_to_end(key)
+        return _FEATURE_CACHE[key]
     sub = DataSource(
         f"{getattr(ref, 'name', 'reference')}[fit rows]",
         x.numpy(),
         kind="images" if x.dim() == 4 else "vectors",
-        labels=None if labels is None else np.asarray(labels)[rows],
+        labels=labels,
     )
-    return train_feature_net(sub, steps=steps, seed=seed)
+    net = train_feature_net(sub, steps=steps, seed=seed)
+    _FEATURE_CACHE[key] = net
+    while len(_FEATURE_CACHE) > _FEATURE_CACHE_SIZE:
+        _FEATURE_CACHE.popitem(last=False)
+    return net
