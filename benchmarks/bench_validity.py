@@ -40,8 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.ndimage import gaussian_filter
-from scipy.stats import norm, ortho_group
+from scipy.stats import ortho_group
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, markdown_table, write_result  # noqa: E402
@@ -50,11 +49,16 @@ import latentdist as ld  # noqa: E402
 from latentdist.discrepancy import METRICS  # noqa: E402
 from latentdist.estimator.fit import FITS  # noqa: E402
 from latentdist.estimator.measure import MeasureConfig  # noqa: E402
-from latentdist.estimator.stats import mean_ci  # noqa: E402
 from latentdist.evaluation.distance import sample_distances  # noqa: E402
-
-DEGRADATIONS = ("blur1", "blur2", "kmeans100", "kmeans10", "mean image", "5 classes", "1 class")
-ORDERS = (("blur1", "blur2"), ("kmeans100", "kmeans10", "mean image"), ("5 classes", "1 class"))
+from latentdist.evaluation.validity import (  # noqa: E402
+    DEGRADATIONS,
+    above_floor,
+    ladder_distances,
+    ladder_verdict,
+    nested_verdict,
+    planted_latent,
+    planted_verdict,
+)
 
 
 @dataclass(frozen=True)
@@ -87,11 +91,6 @@ def cell(s: dict) -> str:
     if not s["ci"]:
         return f"{s['mean']:.3g}"
     return f"{s['mean']:.3g} ± {(s['ci'][1] - s['ci'][0]) / 2:.2g}"
-
-
-def above(d: dict, f: dict) -> bool:
-    """Above the floor beyond both intervals."""
-    return bool(d["ci"] and f["ci"] and d["ci"][0] > f["ci"][1])
 
 
 # ---------------------------------------------------------------- V1 closed forms
@@ -196,84 +195,23 @@ def v1(small: bool) -> str:
 # ---------------------------------------------------------------- V2 degradation ladder
 
 
-def degrade(src: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
-    """The degraded sets, all built from the rows ``src`` (N, 1, 28, 28) alone, len(src) rows each.
-
-    blur: Gaussian blur of sigma 1 / 2 px (scipy.ndimage.gaussian_filter); kmeans K: each row
-    replaced by its centroid (sklearn KMeans fitted on these rows); mean image: every row the
-    mean; 5 classes / 1 class: rows of classes 0-4 / class 0 drawn with replacement (the pool
-    holds ~N/2 and ~N/10 of them).
-    """
-    from sklearn.cluster import KMeans
-
-    n = len(src)
-    flat = src.reshape(n, -1)
-    rng = np.random.default_rng(seed)
-    out = {
-        "blur1": gaussian_filter(src, sigma=(0, 0, 1, 1)),
-        "blur2": gaussian_filter(src, sigma=(0, 0, 2, 2)),
-    }
-    for k in (100, 10):
-        km = KMeans(n_clusters=k, n_init=1, random_state=seed).fit(flat)
-        out[f"kmeans{k}"] = km.cluster_centers_[km.labels_].reshape(src.shape)
-    out["mean image"] = np.broadcast_to(src.mean(0), src.shape).copy()
-    out["5 classes"] = src[rng.choice(np.flatnonzero(labels < 5), n)]
-    out["1 class"] = src[rng.choice(np.flatnonzero(labels == 0), n)]
-    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
-
-
-def v2_ladder(
-    rows: int, n_eval: int, seeds: int, cols: list[Column], feature_steps: int, data: str
-) -> tuple[dict, dict]:
-    """Per column: {set: mean_ci of the distance}, and the floor's mean_ci.
-
-    Per seed the rows are permuted; 60 % form the reference (n_eval evaluation rows, n_eval
-    floor rows, the rest to train learned features or the critic on), 40 % the pool the
-    degraded sets are built from."""
-    source = ld.load_data(data)
-    everything = source.take().numpy()
-    labels = np.asarray(source.labels)
-    values: dict[str, dict[str, list[float]]] = {c.label: {} for c in cols}
-    floors: dict[str, list[float]] = {c.label: [] for c in cols}
-    for s in range(seeds):
-        perm = np.random.default_rng(1000 + s).permutation(len(everything))[:rows]
-        n_ref = int(0.6 * rows)
-        ref = ld.DataSource(
-            f"{data}[ref]", everything[perm[:n_ref]], kind="images", labels=labels[perm[:n_ref]]
-        )
-        sets = degrade(everything[perm[n_ref:]], labels[perm[n_ref:]], s)
-        for c in cols:
-            res = sample_distances(
-                sets, ref, metric=c.metric, n_eval=n_eval, seeds=1, seed=s,
-                features=c.features or "auto", feature_steps=feature_steps,
-                metric_kwargs=dict(c.kwargs),
-            )  # fmt: skip
-            for name, r in res.items():
-                values[c.label].setdefault(name, []).append(r.report["distance"]["mean"])
-            floors[c.label].append(next(iter(res.values())).report["floor"]["mean"])
-    dist = {c: {k: mean_ci(v) for k, v in d.items()} for c, d in values.items()}
-    return dist, {c: mean_ci(v) for c, v in floors.items()}
-
-
-def v2_verdict(dist: dict, floor: dict) -> tuple[int, list[str]]:
-    """(how many degradations lie above the floor beyond both intervals, failed orders)."""
-    passes = sum(above(dist[k], floor) for k in DEGRADATIONS)
-    bad = [
-        " < ".join(chain)
-        for chain in ORDERS
-        if not all(
-            dist[a]["mean"] < dist[b]["mean"] for a, b in zip(chain, chain[1:], strict=False)
-        )
-    ]
-    return passes, bad
-
-
 def v2(small: bool, cols: list[Column], seeds: int | None) -> tuple[str, dict]:
     rows, n_eval = (2000, 400) if small else (5000, 1000)
     seeds = seeds or (3 if small else 5)
     feature_steps = 100 if small else 200
     t0 = time.perf_counter()
-    dist, floor = v2_ladder(rows, n_eval, seeds, cols, feature_steps, "mnist5k")
+    metrics = {
+        c.label: {
+            "metric": c.metric,
+            "metric_kwargs": dict(c.kwargs),
+            "features": c.features or "auto",
+            "feature_steps": feature_steps,
+        }
+        for c in cols
+    }
+    dist, floor = ladder_distances(
+        ld.load_data("mnist5k"), metrics, rows=rows, n_eval=n_eval, seeds=seeds
+    )
     table = []
     for name in ("floor (fresh real rows)", *DEGRADATIONS):
         row = {"set": name}
@@ -282,13 +220,13 @@ def v2(small: bool, cols: list[Column], seeds: int | None) -> tuple[str, dict]:
                 row[c.label] = cell(floor[c.label])
             else:
                 d = dist[c.label][name]
-                row[c.label] = cell(d) + (" ✓" if above(d, floor[c.label]) else " ✗")
+                row[c.label] = cell(d) + (" ✓" if above_floor(d, floor[c.label]) else " ✗")
         table.append(row)
     summary_pass = {"set": "above floor"}
     summary_order = {"set": "ordered"}
     verdicts = {}
     for c in cols:
-        p, bad = v2_verdict(dist[c.label], floor[c.label])
+        p, bad = ladder_verdict(dist[c.label], floor[c.label])
         verdicts[c.label] = (p, bad)
         summary_pass[c.label] = f"{p}/{len(DEGRADATIONS)}"
         summary_order[c.label] = "y" if not bad else "n: " + "; ".join(bad)
@@ -307,29 +245,8 @@ def v2(small: bool, cols: list[Column], seeds: int | None) -> tuple[str, dict]:
 # ---------------------------------------------------------------- V3 planted latent
 
 
-def planted(n: int = 5000, seed: int = 7, noise: float = 0.05) -> dict[str, np.ndarray]:
-    """x = a h(z*) + b + noise, h a fixed random ReLU MLP 8 -> 32 -> 784 (PyTorch's default
-    initialisation with ``seed``); a, b map h's output to mean -0.5 and standard deviation 0.4
-    (image-like values in about [-1, 1]; an affine map keeps h in the class); the latents."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    h = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 784))
-    z = torch.randn(n, 8, generator=g)
-    with torch.no_grad():
-        o = h(z)
-    x = (o - o.mean()) / o.std() * 0.4 - 0.5 + noise * torch.randn(o.shape, generator=g)
-    zs = z.numpy()
-    return {
-        "x": x.numpy().astype(np.float32),
-        "z* (8-d)": zs,
-        "first 4": zs[:, :4].copy(),
-        "first 2": zs[:, :2].copy(),
-        "2 Phi(z*) - 1 (uniform, 8-d)": (2 * norm.cdf(zs) - 1).astype(np.float32),
-    }
-
-
 def v3(small: bool, fits: list[str], capacities: tuple, steps: int | None) -> tuple[str, dict]:
-    data = planted(2000 if small else 5000)
+    data = planted_latent(2000 if small else 5000)
     x = data.pop("x")
     default = MeasureConfig()
     n_eval = 400 if small else 1000
@@ -343,7 +260,6 @@ def v3(small: bool, fits: list[str], capacities: tuple, steps: int | None) -> tu
                 seeds=2 if small else 3, n_eval=n_eval, proxies=False, progress=False,
                 **({"steps": steps} if steps else {}),
             ).report  # fmt: skip
-        floor = reports["z* (8-d)"]["floor"]
         table = []
         for i, cap in enumerate(capacities):
             row = {"capacity": cap}
@@ -351,7 +267,8 @@ def v3(small: bool, fits: list[str], capacities: tuple, steps: int | None) -> tu
                 row[name] = cell(r["curve"][i]["distance"])
             table.append(row)
         table.append({"capacity": "floor", **{k: cell(r["floor"]) for k, r in reports.items()}})
-        ok, why = v3_check(reports, capacities, floor)
+        ok, fails = planted_verdict(reports)
+        why = "; ".join(fails) or "all conditions hold"
         verdicts[fit] = (ok, why)
         metric = reports["z* (8-d)"]["metric"]
         steps_used = reports["z* (8-d)"]["config"]["steps"]
@@ -368,21 +285,6 @@ def v3(small: bool, fits: list[str], capacities: tuple, steps: int | None) -> tu
         "intervals at every width.\n\n" + "\n".join(out)
     )
     return text, verdicts
-
-
-def v3_check(reports: dict, capacities: tuple, floor: dict) -> tuple[bool, str]:
-    fails = []
-    for i, cap in enumerate(capacities):
-        trunc4 = reports["first 4"]["curve"][i]["distance"]
-        if cap >= 32:
-            d = reports["z* (8-d)"]["curve"][i]["distance"]["mean"]
-            tol = max(floor["ci"][1], 0.1 * trunc4["mean"])
-            if d > tol:
-                fails.append(f"z* at {cap}: {d:.3g} > {tol:.3g}")
-        for name in ("first 4", "first 2"):
-            if not above(reports[name]["curve"][i]["distance"], floor):
-                fails.append(f"{name} at {cap} not above the floor")
-    return not fails, "; ".join(fails) or "all conditions hold"
 
 
 # ---------------------------------------------------------------- V4 nested PCA latents
@@ -408,13 +310,11 @@ def v4(small: bool, capacities: tuple | None, steps: int | None) -> tuple[str, d
         ).report  # fmt: skip
     r2 = reports[2]
     caps = [e["capacity"] for e in r2["curve"]]
-    table, fails = [], []
+    table = []
     for i, cap in enumerate(caps):
         d = {k: reports[k]["curve"][i]["distance"] for k in reports}
-        a = above(d[2], d[8])
-        b = not above(d[32], d[8])
-        if not (a and b):
-            fails.append(str(cap))
+        a = above_floor(d[2], d[8])
+        b = not above_floor(d[32], d[8])
         table.append(
             {
                 "capacity": cap,
@@ -431,13 +331,13 @@ def v4(small: bool, capacities: tuple | None, steps: int | None) -> tuple[str, d
             "PCA-8 >= PCA-32": "",
         }
     )
-    ok = not fails
+    ok, fails = nested_verdict(reports)
     text = (
         f"## V4 nested latents (MNIST-5k{', 2000 rows' if small else ''})\n\n"
         f"PCA-2, PCA-8, PCA-32 (sklearn PCA of the flattened images), metric={r2['metric']}, "
         f"fit={r2['fit']} (the defaults), {r2['config']['steps']} steps, n_eval {r2['n_eval']}, "
         f"3 seeds. PCA-2 > PCA-8: beyond both intervals; PCA-8 >= PCA-32: PCA-32 not above "
-        f"PCA-8 beyond them. {'PASS' if ok else 'FAIL at capacities ' + ', '.join(fails)} "
+        f"PCA-8 beyond them. {'PASS' if ok else 'FAIL: ' + '; '.join(fails)} "
         f"({time.perf_counter() - t0:.0f} s)\n\n" + markdown_table(table) + "\n"
     )
     return text, {"default": (ok, fails)}
