@@ -192,11 +192,13 @@ def test_vq_trains_and_uses_its_codebook(tmp_path, ema):
 
 
 def test_kill_and_resume_is_bitwise_equal(tmp_path):
+    # bit-exact on CPU (docs/dae.md); on a GPU nondeterministic kernels may differ in the last bits
     common = dict(mode="dae", bottleneck="kl", stage1_steps=20, stage2_steps=20, checkpoint_every=2)
+    common["device"] = "cpu"
     train(tiny(tmp_path / "ref", **common))
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "latentdist.dae", *TINY_FLAGS, "--out", str(out), "--mode", "dae", "--bottleneck", "kl",
-           "--stage1-steps", "20", "--stage2-steps", "20", "--checkpoint-every", "2"]  # fmt: skip
+           "--stage1-steps", "20", "--stage2-steps", "20", "--checkpoint-every", "2", "--device", "cpu"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt, step, deadline = out / "checkpoint.pt", 0, time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -232,6 +234,8 @@ def test_two_process_ddp_matches_single_process(tmp_path):
         "8",
         "--stage2-steps",
         "0",
+        "--device",  # gloo on CPU; NCCL needs one GPU per process
+        "cpu",
     ]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "latentdist.dae", *flags, "--out", str(tmp_path / "ddp")]  # fmt: skip
@@ -240,7 +244,14 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     single = train(
-        tiny(tmp_path / "one", mode="joint", bottleneck="ae", stage1_steps=8, stage2_steps=0)
+        tiny(
+            tmp_path / "one",
+            mode="joint",
+            bottleneck="ae",
+            stage1_steps=8,
+            stage2_steps=0,
+            device="cpu",
+        )
     )
     ddp_run = json.loads((tmp_path / "ddp" / "run.json").read_text())
     assert ddp_run["world_size"] == 2 and single["world_size"] == 1
@@ -419,3 +430,60 @@ def test_compiled_model_tracks_eager(tmp_path):
     train(tiny(tmp_path / "compiled", compile=True, **kw))
     a, b = metrics(tmp_path / "eager"), metrics(tmp_path / "compiled")
     np.testing.assert_allclose([m["loss"] for m in b], [m["loss"] for m in a], rtol=1e-3)
+
+
+@pytest.mark.parametrize("preload", [True, False])
+def test_train_data_normalises_on_the_models_device(monkeypatch, preload):
+    """The normaliser's buffers sit on the training device (cuda there): data moves first.
+
+    The meta device stands in for a GPU, so CI without one catches a CPU tensor meeting them.
+    """
+    import importlib
+
+    from latentdist.dae.models import data_statistics
+
+    train_module = importlib.import_module("latentdist.dae.train")  # the package re-exports train()
+
+    if not preload:
+        monkeypatch.setattr(train_module, "_PRELOAD_BYTES", 0)
+    src = load_data("digits")
+    idx = np.arange(100)
+    shift, scale = data_statistics(src.take(idx), src.kind)
+    models = build_models(TrainConfig(), src.sample_shape, src.kind, shift, scale)
+    data = train_module.TrainData(
+        src, idx, models.normalize.to("meta"), torch.device("meta"), False
+    )
+    assert (data.tensor is not None) == preload
+    x = data(np.arange(5))
+    assert x.device.type == "meta" and x.shape == (5, *src.sample_shape)
+
+
+def test_models_to_moves_every_network_the_denormaliser_too():
+    """``denormalize`` is not in ``named()`` (checkpoint keys) but evaluation runs it on the
+    device; on CUDA a CPU copy of its buffers stopped every run at its final evaluation."""
+    src = load_data("digits")
+    x = src.take(np.arange(50))
+    from latentdist.dae.models import data_statistics
+
+    shift, scale = data_statistics(x, src.kind)
+    cfg = TrainConfig(mode="dae", disc_weight=0.5)
+    models = build_models(cfg, src.sample_shape, src.kind, shift, scale)
+    models.to(torch.device("meta"), channels_last=True)
+    mods = [*models.named().values(), models.denormalize]
+    assert all(t.device.type == "meta" for m in mods for t in [*m.parameters(), *m.buffers()])
+
+
+def test_more_cuda_processes_than_gpus_is_a_usage_error(monkeypatch):
+    from latentdist.dae import distributed as dist_util
+    from latentdist.errors import UsageError
+
+    for k, v in {
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2",
+        "LOCAL_RANK": "0",
+        "RANK": "0",
+    }.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UsageError, match="one GPU per process"):
+        dist_util.setup("cuda")

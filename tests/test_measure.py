@@ -171,7 +171,7 @@ def test_nested_family_gives_non_increasing_curve():
         depth=1,
         fit="paired",
         metric="w2",
-        seeds=2,
+        seeds=3,  # two seeds' t-interval (12.7 s/sqrt 2) cannot tell width 1 from the floor
         n_eval=800,
         steps=600,
         lr=1e-2,
@@ -349,7 +349,7 @@ def test_large_memory_mapped_data_is_not_read_whole(tmp_path):
         progress=False,
     ).report
     assert r["data"]["rows"] == 20000
-    assert r["data"]["rows_loaded"] <= 2 * (2 * 100 + 300)
+    assert r["data"]["rows_loaded"] <= 2 * (2 * 100 + 2 * 25 + 300)  # eval, floor, val, fit
 
 
 # Issue 3 through the CLI: x = A z, A with singular values 3 and 1.

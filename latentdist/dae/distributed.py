@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from latentdist.errors import UsageError
+
 
 @dataclass
 class DistInfo:
@@ -38,6 +40,15 @@ def setup(device_type: str) -> DistInfo:
     if world <= 1:
         return DistInfo()
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", local + 1))
+        gpus = torch.cuda.device_count()
+        if per_node > gpus:  # every rank says so: no rank is left waiting for the others
+            raise UsageError(
+                f"torchrun started {per_node} processes on this node but {gpus} GPU(s) are "
+                f"visible; DDP on CUDA (NCCL) needs one GPU per process: use "
+                f"--nproc_per_node {gpus} or fewer, or --device cpu (gloo)"
+            )
     created = False
     if not dist.is_initialized():
         if device_type == "cuda":

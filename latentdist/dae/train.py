@@ -104,6 +104,15 @@ class Models:
         }
         return {k: v for k, v in mods.items() if v is not None}
 
+    def to(self, device: torch.device, channels_last: bool = False) -> Models:
+        """Move every network to ``device``, ``denormalize`` too (it has no entry in ``named``:
+        its buffers are ``normalize``'s, so checkpoints do not hold them twice)."""
+        for m in (*self.named().values(), self.denormalize):
+            m.to(device)
+            if channels_last:
+                m.to(memory_format=torch.channels_last)
+        return self
+
 
 def build_models(
     config: TrainConfig,
@@ -284,16 +293,16 @@ class TrainData:
         self.channels_last = channels_last
         self.tensor = None
         if len(idx) * math.prod(src.sample_shape) * 4 <= _PRELOAD_BYTES:
-            with torch.no_grad():
-                self.tensor = normalize(src.take(idx)).to(device)
+            with torch.no_grad():  # normalize's buffers live on ``device``: move, then map
+                self.tensor = normalize(src.take(idx).to(device))
 
     def __call__(self, local: np.ndarray) -> torch.Tensor:
         if self.tensor is not None:
             x = self.tensor[torch.from_numpy(local).to(self.device)]
         else:
             with torch.no_grad():
-                x = self.normalize(self.src.take(self.idx[local])).to(
-                    self.device, non_blocking=True
+                x = self.normalize(
+                    self.src.take(self.idx[local]).to(self.device, non_blocking=True)
                 )
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
@@ -531,10 +540,7 @@ def _train(config: TrainConfig, device: torch.device, info: dist_util.DistInfo) 
         config.channels_last if config.channels_last is not None else device.type == "cuda"
     )
     channels_last = channels_last and src.kind == "images"
-    for m in models.named().values():
-        m.to(device)
-        if channels_last:
-            m.to(memory_format=torch.channels_last)
+    models.to(device, channels_last)
     torch.manual_seed(config.seed + info.rank)  # per-process noise (dropout, KL samples)
     perceptual = PerceptualLoss(config.perceptual, device) if config.perceptual else None
     data = TrainData(src, train_idx, models.normalize, device, channels_last)

@@ -175,6 +175,15 @@ class GeneratorEnsemble(nn.Module):
         for b in self.buckets:
             b.mask_gradients()
 
+    @torch.no_grad()
+    def load_member(self, index: int, generator: nn.Module) -> None:
+        """Set member ``index`` to ``generator`` (an unpadded generator of its capacity)."""
+        g = next(k for k, grp in enumerate(self.groups) if index in grp)
+        pos = self.groups[g].index(index)
+        for w, p in zip(self.buckets[g].weights, generator.parameters(), strict=True):
+            w[pos].zero_()
+            w[pos][_prefix(p.shape)] = p.to(w.device)
+
     def export(self, index: int) -> nn.Module:
         """Member ``index`` as a plain, unpadded generator module (CPU, eval mode)."""
         member = self.members[index]

@@ -127,3 +127,39 @@ def make_generator(
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+@torch.no_grad()
+def embed_generator(small: nn.Module, big: nn.Module) -> nn.Module:
+    """Make ``big`` (same family and depth, capacity >= small's) compute ``small``'s function.
+
+    Each of ``small``'s parameters is copied into the leading block of ``big``'s; of the new
+    entries, those through which new units would reach old units or the output
+    (``W[:out_small, in_small:]``) are zeroed and the rest keep ``big``'s initialisation, so the
+    new units start alive and can still learn. This is the nesting G_c ⊂ G_c' made concrete: a
+    fit at c' can start from the fit at c. Returns ``big``.
+    """
+    for p_small, p_big in zip(small.parameters(), big.parameters(), strict=True):
+        if p_small.dim() != p_big.dim() or any(
+            a > b for a, b in zip(p_small.shape, p_big.shape, strict=True)
+        ):
+            raise ValueError("embed_generator: big must be a wider generator of the same family")
+        p_big[tuple(slice(0, n) for n in p_small.shape)] = p_small
+        if p_small.dim() >= 2:
+            p_big[: p_small.shape[0], p_small.shape[1] :] = 0
+    return big
+
+
+@torch.no_grad()
+def embed_linear(linear: nn.Module, mlp: nn.Module) -> nn.Module:
+    """Make the MLP generator ``mlp`` compute the linear generator ``linear``'s map.
+
+    The linear map goes into the skip path; the body's output layer is zeroed (its hidden units
+    keep their initialisation, so they start alive). Returns ``mlp``.
+    """
+    layer = linear[1]
+    skip, body = mlp[1].paths[0], mlp[1].paths[1]
+    skip.weight.copy_(layer.weight)
+    skip.bias.copy_(layer.bias)
+    body[-1].weight.zero_()
+    return mlp
