@@ -26,6 +26,12 @@ def curve_frame(report: dict[str, Any]) -> pd.DataFrame:
             "ci_high": ci[1],
             "floor": report["floor"]["mean"],
         }
+        for fit, v in e.get("by_fit", {}).items():
+            row[f"{fit}_fit"] = v["mean"]
+        if e.get("chosen"):
+            row["chosen"] = " ".join(e["chosen"])
+        if e.get("undetermined"):
+            row["undetermined"] = True
         row.update(
             {k: e.get("proxies", {}).get(k) for k in PROXY_COLUMNS if k in e.get("proxies", {})}
         )
@@ -58,6 +64,11 @@ def format_table(report: dict[str, Any]) -> str:
         f"critical capacity (distance <= {crit['epsilon']:.4g}, {crit['epsilon_source']}): "
         f"{crit['capacity'] if crit['capacity'] is not None else 'none in the sweep'}",
     ]
+    if report.get("selection"):
+        lines.append(
+            "distance = the best held-out bound chosen on validation rows; *_fit columns = each "
+            "fit's own generator; chosen = the winner per seed (fit@capacity)"
+        )
     lines += [f"warning: {w}" for w in report.get("warnings", [])]
     return "\n".join(lines)
 
@@ -78,7 +89,10 @@ def plot_measure(report: dict[str, Any], path: str | Path | None = None):
     ax = axes[0, 0]
     linear = report["generator"] == "linear"
     x = [0] if linear else frame["capacity"]
-    ax.plot(x, frame["distance"], "o-", label=f"{report['metric']} (fit={report['fit']})")
+    label = "best bound" if report.get("selection") else f"fit={report['fit']}"
+    ax.plot(x, frame["distance"], "o-", label=f"{report['metric']} ({label})")
+    for col in [c for c in frame if c.endswith("_fit")]:
+        ax.plot(x, frame[col], ".:", lw=1, label=col.replace("_", " "))
     if frame["ci_low"].notna().all():
         ax.fill_between(x, frame["ci_low"], frame["ci_high"], alpha=0.25, label="95% CI")
     floor = report["floor"]
