@@ -12,9 +12,11 @@ __version__ = "0.1.0"
 from latentdist.data import DataSource, load_data  # noqa: E402
 from latentdist.data.encoders import Encoder, load_encoder  # noqa: E402
 from latentdist.estimator import MeasureConfig, MeasureResult, measure  # noqa: E402
+from latentdist.evaluation.distance import DistanceResult, sample_distance  # noqa: E402
 
 __all__ = [
     "DataSource",
+    "DistanceResult",
     "Encoder",
     "MeasureConfig",
     "MeasureResult",
@@ -22,4 +24,5 @@ __all__ = [
     "load_data",
     "load_encoder",
     "measure",
+    "sample_distance",
 ]

@@ -24,16 +24,18 @@ def cli() -> None:
     latentdist measure    the GAN-induced latent-data distance over a capacity sweep
     latentdist train-dae  train a Decoupled Autoencoder (or the joint baseline)
     latentdist compare    put trained runs head to head
+    latentdist distance   generated samples vs a reference set, with floor and intervals
     latentdist demo       DAE vs joint on MNIST-5k, end to end
     """
 
 
 def _register() -> None:
-    from latentdist.cli import compare, demo, measure, train_dae
+    from latentdist.cli import compare, demo, distance, measure, train_dae
 
     cli.add_command(measure.measure)
     cli.add_command(train_dae.train_dae)
     cli.add_command(compare.compare)
+    cli.add_command(distance.distance)
     cli.add_command(demo.demo)
 
 

@@ -1,0 +1,607 @@
+"""Validity: does each discrepancy, and the estimator's fits, measure what they claim? (issue 10)
+
+One table per check, every metric a column:
+
+* V1 closed forms: linear-Gaussian inf_g W2 (SPEC §1), FD and Gaussian-kernel MMD^2 between two
+  Gaussians, measured against the exact values.
+* V2 degradation ladder on MNIST-5k: blur 1 and 2 px, k-means 100 and 10 centroids, the mean
+  image, 5 classes, 1 class, each against held-out real rows beside the floor (fresh real rows).
+  Pass: above the floor beyond both 95 % intervals; ordered: blur1 < blur2,
+  kmeans100 < kmeans10 < mean image, 5 classes < 1 class (means).
+* V3 planted latent: x = h(z*) + noise with h a fixed ReLU MLP 8 -> 32 -> 784; latents z*, its
+  first 4 and 2 coordinates and a non-Gaussian 8-d latent (2 Phi(z*) - 1, uniform); ``measure``
+  across capacities for the default metric with every fit. Pass: z* at a capacity containing h
+  (width >= 32) within max(floor's upper limit, 10 % of the 4-coordinate distance); the 2- and
+  4-coordinate truncations above the floor beyond both intervals.
+* V4 nested latents on MNIST-5k: PCA-2, PCA-8, PCA-32 with the default metric and fit. Pass at
+  every capacity: D(PCA-2) > D(PCA-8) beyond both intervals and D(PCA-8) >= D(PCA-32) within
+  them (PCA-32 not above PCA-8 beyond the intervals).
+* V5 calibration: 20 repeats with fresh data of a case with a known value (same distribution:
+  0; shifted Gaussians: the exact MMD^2 and FD); how often the 95 % interval covers the truth,
+  and where the floors centre.
+* V6 DAE vs joint on MNIST-5k (demo settings): ``compare``'s distance curves beside generation
+  FD, with intervals; reported as measured.
+
+    python benchmarks/bench_validity.py [--small] [--only V1,V2,...] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import math
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import ortho_group
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, markdown_table, write_result  # noqa: E402
+
+import latentdist as ld  # noqa: E402
+from latentdist.discrepancy import METRICS  # noqa: E402
+from latentdist.estimator.fit import FITS  # noqa: E402
+from latentdist.estimator.measure import MeasureConfig  # noqa: E402
+from latentdist.evaluation.distance import sample_distances  # noqa: E402
+from latentdist.evaluation.validity import (  # noqa: E402
+    DEGRADATIONS,
+    above_floor,
+    ladder_distances,
+    ladder_verdict,
+    nested_verdict,
+    planted_latent,
+    planted_verdict,
+)
+
+
+@dataclass(frozen=True)
+class Column:
+    """One metric column: a discrepancy name, its settings and (fd/kid) its feature space."""
+
+    label: str
+    metric: str
+    kwargs: tuple = ()
+    features: str | None = None
+
+
+def columns() -> list[Column]:
+    """Every metric column this installation offers (fd, kid, critic once they exist)."""
+    cols = [Column("w2", "w2"), Column("sinkhorn", "sinkhorn"), Column("sliced", "sliced")]
+    cols.append(Column("mmd", "mmd"))
+    if "scales" in inspect.signature(METRICS["mmd"]).parameters:
+        cols.append(Column("mmd 1bw (old)", "mmd", (("scales", (1,)),)))
+    for m in ("kid", "fd"):
+        if m in METRICS:
+            cols += [Column(f"{m} id", m, (), "identity"), Column(f"{m} feat", m, (), "learned")]
+    if "critic" in METRICS:
+        dev = (("device", "cuda"),) if torch.cuda.is_available() else ()
+        cols.append(Column("critic", "critic", dev))
+    return cols
+
+
+def cell(s: dict) -> str:
+    """'mean ± half-width' of a mean_ci summary."""
+    if not s["ci"]:
+        return f"{s['mean']:.3g}"
+    return f"{s['mean']:.3g} ± {(s['ci'][1] - s['ci'][0]) / 2:.2g}"
+
+
+# ---------------------------------------------------------------- V1 closed forms
+
+
+def gaussian_mmd2(delta2: float, dim: int, bandwidth: float, scales) -> float:
+    """Exact MMD^2 between N(a, I_d) and N(b, I_d), |a - b|^2 = delta2, for the kernel
+    1/S sum_s exp(-|x - y|^2 / (2 (s h)^2)) (latentdist's mmd): for one bandwidth w,
+    E k(X, X') with X - X' ~ N(0, 2I) is c = (w^2 / (w^2 + 2))^(d/2), and
+    E k(X, Y) = c exp(-delta2 / (2 (w^2 + 2))); so MMD^2 = 2 c (1 - exp(-delta2 / (2 (w^2 + 2))))
+    per bandwidth (Gretton et al. 2012, eq. 3 in expectation), averaged over the scales."""
+    total = 0.0
+    for s in scales:
+        w2 = (s * bandwidth) ** 2
+        c = (w2 / (w2 + 2.0)) ** (dim / 2)
+        total += 2.0 * c * (1.0 - math.exp(-delta2 / (2.0 * (w2 + 2.0))))
+    return total / len(scales)
+
+
+def mmd_scales() -> tuple:
+    p = inspect.signature(METRICS["mmd"]).parameters
+    return tuple(p["scales"].default) if "scales" in p else (1.0,)
+
+
+def v1(small: bool) -> str:
+    rows = []
+    seeds = 2 if small else 3
+    # (a) linear generators, P_x = N(0, Q diag(9, 4, 1) Q^T), k = 2: inf_g W2 = sqrt(1) = 1
+    n = 3000
+    rng = np.random.default_rng(0)
+    q = ortho_group.rvs(3, random_state=0)
+    x = (rng.standard_normal((n, 3)) @ np.diag([3.0, 2.0, 1.0]) @ q.T).astype(np.float32)
+    c = x - x.mean(0)
+    pca = (c @ np.linalg.svd(c, full_matrices=False)[2][:2].T).astype(np.float32)
+    indep = rng.standard_normal((n, 2)).astype(np.float32)
+    # the default fit, and the OT fit the closed form is classically checked with (the
+    # adversarial fit takes tens of minutes on 2 cores here)
+    default_fit = MeasureConfig().fit
+    dist_fits = sorted({default_fit if default_fit != "paired" else "ot", "ot"})
+    for name, z in (("PCA-2 latent", pca), ("independent N(0, I_2) latent", indep)):
+        for fit in dist_fits:
+            r = ld.measure(
+                z, x, generator="linear", metric="w2", fit=fit, seeds=seeds, n_eval=1000,
+                proxies=False, progress=False, device="cpu", **({"steps": 150} if small else {}),
+            ).report  # fmt: skip
+            d = r["curve"][0]["distance"]
+            rows.append(
+                {
+                    "case": f"inf_g W2, linear g, {name}, fit={fit}",
+                    "exact": 1.0,
+                    "measured": cell(d),
+                    "floor": cell(r["floor"]),
+                    "rel. error": f"{d['mean'] - 1.0:+.1%}",
+                }
+            )
+    # (b) two Gaussians in R^8: N(0, I) vs N(delta e_1, diag(1, ..., 1, 4)): FD exact; MMD^2 exact
+    # for the shift alone (kernel at a fixed bandwidth h = sqrt(d))
+    dim, delta = 8, 1.5
+    mu = np.zeros(dim)
+    mu[0] = delta
+    p_rows = rng.standard_normal((4000, dim)).astype(np.float32)
+    q_rows = (rng.standard_normal((2000, dim)) + mu).astype(np.float32)
+    cov_q = np.eye(dim)
+    cov_q[-1, -1] = 4.0
+    q_cov_rows = (rng.standard_normal((2000, dim)) @ np.sqrt(cov_q) + mu).astype(np.float32)
+    if "fd" in METRICS:
+        from latentdist.evaluation.generation import frechet_distance_gaussians
+
+        exact = frechet_distance_gaussians(mu, cov_q, np.zeros(dim), np.eye(dim))
+        r = sample_distances(
+            {"q": q_cov_rows}, p_rows, metric="fd", features="identity", n_eval=1000, seeds=5
+        )["q"].report
+        rows.append(
+            {
+                "case": "FD of N(1.5 e1, diag(1,..,1,4)) and N(0, I_8), identity features",
+                "exact": exact,
+                "measured": cell(r["distance"]),
+                "floor": cell(r["floor"]),
+                "rel. error": f"{r['distance']['mean'] / exact - 1:+.1%}",
+            }
+        )
+    h = math.sqrt(dim)
+    scales = mmd_scales()
+    exact = gaussian_mmd2(delta**2, dim, h, scales)
+    r = sample_distances(
+        {"q": q_rows}, p_rows, metric="mmd", n_eval=1000, seeds=5,
+        metric_kwargs={"bandwidth": h},
+    )["q"].report  # fmt: skip
+    rows.append(
+        {
+            "case": f"MMD^2 of N(1.5 e1, I_8) and N(0, I_8), bandwidth {h:.3g} x scales {scales}",
+            "exact": exact,
+            "measured": cell(r["distance"]),
+            "floor": cell(r["floor"]),
+            "rel. error": f"{r['distance']['mean'] / exact - 1:+.1%}",
+        }
+    )
+    return (
+        "## V1 closed forms\n\nmeasured: mean ± 95 % half-width over seeds; linear cases "
+        "n_eval 1000 of 3000 rows, 3 seeds, scored by W2 (its floor, 3-D, is the finite-sample "
+        "bias); Gaussian pairs n_eval 1000, 5 seeds.\n\n" + markdown_table(rows) + "\n"
+    )
+
+
+# ---------------------------------------------------------------- V2 degradation ladder
+
+
+def v2(small: bool, cols: list[Column], seeds: int | None) -> tuple[str, dict]:
+    rows, n_eval = (2000, 400) if small else (5000, 1000)
+    seeds = seeds or 3
+    feature_steps = 100 if small else 200
+    t0 = time.perf_counter()
+    metrics = {
+        c.label: {
+            "metric": c.metric,
+            "metric_kwargs": dict(c.kwargs),
+            "features": c.features or "auto",
+            "feature_steps": feature_steps,
+        }
+        for c in cols
+    }
+    dist, floor = ladder_distances(
+        ld.load_data("mnist5k"), metrics, rows=rows, n_eval=n_eval, seeds=seeds
+    )
+    table = []
+    for name in ("floor (fresh real rows)", *DEGRADATIONS):
+        row = {"set": name}
+        for c in cols:
+            if name.startswith("floor"):
+                row[c.label] = cell(floor[c.label])
+            else:
+                d = dist[c.label][name]
+                row[c.label] = cell(d) + (" ✓" if above_floor(d, floor[c.label]) else " ✗")
+        table.append(row)
+    summary_pass = {"set": "above floor"}
+    summary_order = {"set": "ordered"}
+    verdicts = {}
+    for c in cols:
+        p, bad = ladder_verdict(dist[c.label], floor[c.label])
+        verdicts[c.label] = (p, bad)
+        summary_pass[c.label] = f"{p}/{len(DEGRADATIONS)}"
+        summary_order[c.label] = "y" if not bad else "n: " + "; ".join(bad)
+    table += [summary_pass, summary_order]
+    text = (
+        f"## V2 degradation ladder (MNIST-5k, {rows} rows)\n\n"
+        f"Per seed ({seeds} seeds) the rows are permuted: 60 % reference ({n_eval} evaluation "
+        f"rows, {n_eval} floor rows, the rest to train learned features ({feature_steps} steps) "
+        f"or the critic), 40 % the pool every degraded set is built from; all sets scored on the "
+        f"same splits (`sample_distances`, n_eval {n_eval}). ✓: above the floor beyond both 95 % "
+        f"intervals. {time.perf_counter() - t0:.0f} s.\n\n" + markdown_table(table) + "\n"
+    )
+    return text, verdicts
+
+
+# ---------------------------------------------------------------- V3 planted latent
+
+
+def _view(report: dict, key: str | None) -> dict:
+    """A measure report reduced to one value per capacity: the reported (selected) distance
+    when ``key`` is None, else ``by_fit[key]`` (one fit's own generator)."""
+    return {
+        "floor": report["floor"],
+        "curve": [
+            {
+                "capacity": e["capacity"],
+                "distance": e["distance"] if key is None else e["by_fit"][key],
+            }
+            for e in report["curve"]
+        ],
+    }
+
+
+def v3(small: bool, fits: list[str], capacities: tuple, steps: int | None) -> tuple[str, dict]:
+    """The default measurement (its selected bound and each fit's own value inside it), then
+    every other fit in ``fits`` on its own (selection off)."""
+    data = planted_latent(2000 if small else 5000)
+    x = data.pop("x")
+    if small:
+        data.pop("2 Phi(z*) - 1 (uniform, 8-d)")
+    default = MeasureConfig()
+    n_eval = 400 if small else 1000
+    runs = [("default", {})] + [
+        (f, {"fit": f, "select": False}) for f in fits if f != default.fit or not default.select
+    ]
+    out, verdicts = [], {}
+    for run, settings in runs:
+        t0 = time.perf_counter()
+        reports = {}
+        for name, z in data.items():
+            reports[name] = ld.measure(
+                z, x, generator="mlp", capacities=capacities, seeds=2 if small else 3,
+                n_eval=n_eval, proxies=False, progress=False,
+                **({"steps": steps} if steps else {}), **settings,
+            ).report  # fmt: skip
+        first = reports["z* (8-d)"]
+        views = [(None, f"fit={first['fit']}, selection off")]
+        if run == "default":
+            views = [(None, f"default: fit={first['fit']}, best held-out bound (selection)")]
+            views += [
+                (f, f"{f} alone, inside the default run") for f in first["curve"][0]["by_fit"]
+            ]
+        elapsed = time.perf_counter() - t0
+        for key, title in views:
+            vr = {name: _view(r, key) for name, r in reports.items()}
+            table = []
+            for i, cap in enumerate(capacities):
+                row = {"capacity": cap}
+                for name, r in vr.items():
+                    row[name] = cell(r["curve"][i]["distance"])
+                table.append(row)
+            table.append({"capacity": "floor", **{k: cell(r["floor"]) for k, r in vr.items()}})
+            if key is None and run == "default":
+                table.append(
+                    {
+                        "capacity": "chosen (per seed)",
+                        **{
+                            k: " ".join(" ".join(e["chosen"]) for e in r["curve"][-1:])
+                            for k, r in reports.items()
+                        },
+                    }
+                )
+            ok, fails = planted_verdict(vr)
+            why = "; ".join(fails) or "all conditions hold"
+            verdicts[title] = (ok, why)
+            out.append(
+                f"### {title} — metric={first['metric']}, {first['config']['steps']} steps, "
+                f"n_eval {n_eval}: {'PASS' if ok else 'FAIL'} ({why}; run {elapsed:.0f} s)\n\n"
+                + markdown_table(table)
+                + "\n"
+            )
+    text = (
+        "## V3 planted latent\n\nx = h(z*) + 0.05 noise, h a fixed random ReLU MLP 8 -> 32 -> "
+        f"784 (scaled to mean -0.5, sd 0.4), {len(x)} rows; MLP generators (depth 2, so width "
+        ">= 32 contains h). Pass: z* at every width >= 32 within max(floor's upper limit, 10 % "
+        "of the first-4 distance), and first-2 and first-4 above the floor beyond both "
+        "intervals at every width. The 'chosen' row names, per seed, the generator the default "
+        "reported at the largest width.\n\n" + "\n".join(out)
+    )
+    return text, verdicts
+
+
+# ---------------------------------------------------------------- V4 nested PCA latents
+
+
+def v4(small: bool, capacities: tuple | None, steps: int | None) -> tuple[str, dict]:
+    from sklearn.decomposition import PCA
+
+    source = ld.load_data("mnist5k")
+    x = source.take().numpy()
+    if small:
+        x = x[np.random.default_rng(0).permutation(len(x))[:2000]]
+    flat = x.reshape(len(x), -1)
+    t0 = time.perf_counter()
+    reports = {}
+    for k in (2, 8, 32):
+        z = PCA(k, random_state=0).fit_transform(flat).astype(np.float32)
+        reports[k] = ld.measure(
+            z, x, generator="mlp", seeds=3, proxies=False, progress=False,
+            n_eval=400 if small else None,
+            **({"capacities": capacities} if capacities else {}),
+            **({"steps": steps} if steps else {}),
+        ).report  # fmt: skip
+    r2 = reports[2]
+    caps = [e["capacity"] for e in r2["curve"]]
+    table = []
+    for i, cap in enumerate(caps):
+        d = {k: reports[k]["curve"][i]["distance"] for k in reports}
+        a = above_floor(d[2], d[8])
+        b = not above_floor(d[32], d[8])
+        table.append(
+            {
+                "capacity": cap,
+                **{f"PCA-{k}": cell(d[k]) for k in d},
+                "PCA-2 > PCA-8": "y" if a else "n",
+                "PCA-8 >= PCA-32": "y" if b else "n",
+            }
+        )
+    table.append(
+        {
+            "capacity": "floor",
+            **{f"PCA-{k}": cell(reports[k]["floor"]) for k in reports},
+            "PCA-2 > PCA-8": "",
+            "PCA-8 >= PCA-32": "",
+        }
+    )
+    ok, fails = nested_verdict(reports)
+    text = (
+        f"## V4 nested latents (MNIST-5k{', 2000 rows' if small else ''})\n\n"
+        f"PCA-2, PCA-8, PCA-32 (sklearn PCA of the flattened images), metric={r2['metric']}, "
+        f"fit={r2['fit']} (the defaults), {r2['config']['steps']} steps, n_eval {r2['n_eval']}, "
+        f"3 seeds. PCA-2 > PCA-8: beyond both intervals; PCA-8 >= PCA-32: PCA-32 not above "
+        f"PCA-8 beyond them. {'PASS' if ok else 'FAIL: ' + '; '.join(fails)} "
+        f"({time.perf_counter() - t0:.0f} s)\n\n" + markdown_table(table) + "\n"
+    )
+    return text, {"default": (ok, fails)}
+
+
+# ---------------------------------------------------------------- V5 calibration
+
+
+def v5(small: bool, cols: list[Column]) -> str:
+    """Coverage of the truth by the 95 % interval over repeats with fresh data."""
+    repeats = 8 if small else 20
+    dim, n_ref, n_smp, n_eval, seeds = 16, 2000, 1000, 500, 5
+    h = math.sqrt(dim)
+    delta = 1.0
+    scales = mmd_scales()
+    cases = {"same distribution": 0.0, "shifted by 1.0 e1": delta**2}
+    # vectors: no learned features; the critic trains 2 networks per seed and repeat (too slow here)
+    usable = [c for c in cols if c.features != "learned" and c.metric != "critic"]
+    hits = {(case, c.label): 0 for case in cases for c in usable}
+    floor_hits = {c.label: 0 for c in usable}
+    floor_means: dict[str, list[float]] = {c.label: [] for c in usable}
+    truth_of: dict[tuple[str, str], float | None] = {}
+    for case, delta2 in cases.items():
+        for c in usable:
+            if delta2 == 0.0:
+                truth_of[case, c.label] = 0.0
+            elif c.metric == "mmd":
+                truth_of[case, c.label] = gaussian_mmd2(
+                    delta2, dim, h, dict(c.kwargs).get("scales", scales)
+                )
+            elif c.metric == "fd":
+                truth_of[case, c.label] = delta2
+            else:
+                truth_of[case, c.label] = None
+    for rep in range(repeats):
+        rng = np.random.default_rng(50_000 + rep)
+        ref = rng.standard_normal((n_ref, dim)).astype(np.float32)
+        shift = np.zeros(dim, dtype=np.float32)
+        shift[0] = delta
+        sets = {
+            "same distribution": rng.standard_normal((n_smp, dim)).astype(np.float32),
+            "shifted by 1.0 e1": (rng.standard_normal((n_smp, dim)) + shift).astype(np.float32),
+        }
+        for c in usable:
+            kw = dict(c.kwargs)
+            if c.metric == "mmd":
+                kw["bandwidth"] = h  # a fixed kernel: the truth is then exact
+            res = sample_distances(
+                sets, ref, metric=c.metric, n_eval=n_eval, seeds=seeds, seed=rep,
+                features=c.features or "auto", metric_kwargs=kw,
+            )  # fmt: skip
+            for case, r in res.items():
+                truth = truth_of[case, c.label]
+                ci = r.report["distance"]["ci"]
+                if truth is not None and ci[0] <= truth <= ci[1]:
+                    hits[case, c.label] += 1
+            f = next(iter(res.values())).report["floor"]
+            floor_means[c.label].append(f["mean"])
+            floor_hits[c.label] += f["ci"][0] <= 0.0 <= f["ci"][1]
+    table = []
+    for case in cases:
+        row = {"case": f"{case}: interval covers the truth"}
+        for c in usable:
+            truth = truth_of[case, c.label]
+            row[c.label] = (
+                "-" if truth is None else f"{hits[case, c.label]}/{repeats} (truth {truth:.3g})"
+            )
+        table.append(row)
+    table.append(
+        {
+            "case": "floor interval covers 0",
+            **{c.label: f"{floor_hits[c.label]}/{repeats}" for c in usable},
+        }
+    )
+    table.append(
+        {
+            "case": "floor: mean ± sd over repeats",
+            **{
+                c.label: f"{np.mean(floor_means[c.label]):.3g} ± {np.std(floor_means[c.label], ddof=1):.2g}"
+                for c in usable
+            },
+        }
+    )
+    return (
+        "## V5 calibration\n\n"
+        f"{repeats} repeats, each with fresh data: reference N(0, I_{dim}) ({n_ref} rows), "
+        f"samples ({n_smp} rows) from the same law or shifted by 1.0 along e1; n_eval {n_eval}, "
+        f"{seeds} seeds per repeat. MMD with a fixed bandwidth sqrt(d) x scales {scales} so the "
+        "truth is exact; FD truth |shift|^2. '-': no known value. The interval is over seeds "
+        "(re-splits of one data set), so it does not carry the data's own sampling variability: "
+        "coverage below 95 % is expected from that alone.\n\n" + markdown_table(table) + "\n"
+    )
+
+
+# ---------------------------------------------------------------- V6 DAE vs joint
+
+
+def v6(steps: int) -> str:
+    from latentdist.cli.demo import DEMO_MEASURE, train_demo_run
+    from latentdist.evaluation.compare import compare
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        for mode in ("dae", "joint"):
+            train_demo_run(mode, out, "mnist5k", steps, True, "cpu", False)
+        result = compare(
+            [out / "dae", out / "joint"], "mnist5k", measure_config=DEMO_MEASURE, device="cpu",
+            progress=False, gen_seeds=3,
+        )  # fmt: skip
+    return (
+        f"## V6 DAE vs joint (MNIST-5k, demo settings, {steps} training steps per run)\n\n"
+        f"`compare` with the demo's measurement ({DEMO_MEASURE.metric}, fit={DEMO_MEASURE.fit}); "
+        f"no direction required. {time.perf_counter() - t0:.0f} s.\n\n```\n{result.table()}\n```\n"
+    )
+
+
+# ---------------------------------------------------------------- main
+
+SECTION = re.compile(r"^## (V\d)\b", re.M)
+
+
+def merge_sections(old: str, new: dict[str, str]) -> dict[str, str]:
+    """Sections of an earlier results file (split at '## Vn' headings), replaced by ``new``."""
+    parts = SECTION.split(old)
+    kept = {parts[k]: "## " + parts[k] + parts[k + 1] for k in range(1, len(parts) - 1, 2)}
+    kept.update(new)
+    return {k: kept[k].rstrip() + "\n" for k in sorted(kept)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--small", action="store_true", help="a few minutes: for CI")
+    ap.add_argument("--only", default=None, help="comma-separated checks, e.g. V2,V4 (the other "
+                    "sections of the results file are kept)")  # fmt: skip
+    ap.add_argument("--seeds", type=int, default=None, help="V2 seeds")
+    ap.add_argument("--steps", type=int, default=None, help="V3/V4 fit steps (default: measure's)")
+    ap.add_argument(
+        "--columns", default=None, help="V2/V5 metric columns (labels, comma-separated)"
+    )
+    ap.add_argument("--critic", action="store_true", help="include the critic column on CPU "
+                    "(minutes per critic on 2 cores; included by default with a GPU)")  # fmt: skip
+    ap.add_argument("--fits", default=None, help="V3 fits (comma-separated; default: all)")
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    only = set((args.only or "V1,V2,V3,V4,V5,V6").upper().split(","))
+    if args.small:
+        only.discard("V6")  # DAE vs joint at small size: bench_quality --small
+    cols = columns()
+    if args.columns:
+        cols = [c for c in cols if c.label in args.columns.split(",")]
+    elif not (args.critic or torch.cuda.is_available()):
+        cols = [c for c in cols if c.metric != "critic"]
+    default = MeasureConfig()
+    stamp = (
+        f"_{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; defaults metric={default.metric}, "
+        f"fit={default.fit}_"
+    )
+    sections: dict[str, str] = {}
+
+    def add(key: str, text: str, verdict_lines: list[str], t0: float) -> None:
+        head, _, rest = text.partition("\n")
+        summary = "".join(f"- {v}\n" for v in verdict_lines)
+        sections[key] = (
+            f"{head}\n\n{stamp}; {time.perf_counter() - t0:.0f} s\n\n{summary}{rest.lstrip()}"
+        )
+        print(sections[key], flush=True)
+
+    t_all = time.perf_counter()
+    if "V1" in only:
+        t0 = time.perf_counter()
+        add("V1", v1(args.small), [], t0)
+    if "V2" in only:
+        t0 = time.perf_counter()
+        v2_cols = cols if not args.small else [c for c in cols if c.label != "sinkhorn"]
+        text, verdicts = v2(args.small, v2_cols, args.seeds)
+        lines = [
+            f"{k}: {p}/7 above the floor, {'ordered' if not bad else 'not ordered'}"
+            for k, (p, bad) in verdicts.items()
+        ]
+        add("V2", text, lines, t0)
+    if "V3" in only:
+        t0 = time.perf_counter()
+        fits = list(FITS) if not args.small else []
+        if args.fits:
+            fits = args.fits.split(",")
+        caps = (8, 32) if args.small else (8, 32, 64)
+        text, verdicts = v3(args.small, fits, caps, args.steps)
+        add(
+            "V3",
+            text,
+            [f"{k}: {'pass' if ok else 'fail'}" for k, (ok, _) in verdicts.items()],
+            t0,
+        )
+    if "V4" in only:
+        t0 = time.perf_counter()
+        text, verdicts = v4(args.small, (8, 32) if args.small else None, args.steps)
+        add("V4", text, [f"default: {'pass' if verdicts['default'][0] else 'fail'}"], t0)
+    if "V5" in only:
+        t0 = time.perf_counter()
+        add("V5", v5(args.small, cols), [], t0)
+    if "V6" in only:
+        t0 = time.perf_counter()
+        add("V6", v6(300), [], t0)
+    print(f"bench_validity: {time.perf_counter() - t_all:.0f} s", flush=True)
+    if args.no_write:
+        return
+    name = "validity" + ("_small" if args.small else "")
+    old_path = RESULTS / f"{name}.md"
+    old = old_path.read_text() if args.only and old_path.exists() else ""
+    merged = merge_sections(old, sections)
+    intro = (
+        "One section per check (benchmarks/bench_validity.py; each stamped with when it ran and "
+        "the estimator's defaults then). Cells: mean ± 95 % half-width over seeds.\n\n"
+    )
+    path = write_result(name, "Validity of the distance", intro + "\n".join(merged.values()))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
