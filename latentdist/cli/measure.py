@@ -204,8 +204,10 @@ def measure(**o) -> None:
         raise UsageError("give exactly one of --encoder PATH or --latents PATH")
     cfg = config_from_options(o)
     data = load_data(o["data"], trust_pickle=o["trust_pickle"])
-    latents, codebook = load_latents(o, data, cfg.device)
-    result = run_measure(latents, data, cfg, codebook=codebook, progress=not o["quiet"])
+    latents, codebook, encoder = load_latents(o, data, cfg.device)
+    result = run_measure(
+        latents, data, cfg, codebook=codebook, encoder=encoder, progress=not o["quiet"]
+    )
     if o["out"]:
         result.save(o["out"])
     click.echo(result.to_json() if o["fmt"] == "json" else result.table())
@@ -214,7 +216,8 @@ def measure(**o) -> None:
 
 
 def load_latents(o: dict, data, device: str):
-    """Latents from ``--latents`` or by encoding the data with ``--encoder``; and a codebook if any."""
+    """Latents from ``--latents`` or by encoding the data with ``--encoder``; a codebook if any;
+    and the encoder as a callable (batch -> latents) for the diagnostics, None with --latents."""
     from latentdist.data import load_data
     from latentdist.data.encoders import load_encoder
     from latentdist.device import resolve_device
@@ -229,7 +232,7 @@ def load_latents(o: dict, data, device: str):
                 f"--latents {o['latents']}: {len(latents)} rows, but --data has {len(data)}; "
                 "rows must correspond"
             )
-        return latents, codebook
+        return latents, codebook, None
     dev = resolve_device(device)
     enc = load_encoder(
         o["encoder"],
@@ -246,4 +249,6 @@ def load_latents(o: dict, data, device: str):
         progress=not o.get("quiet"),
         seed=o.get("seed", 0),
     )
-    return latents, codebook if codebook is not None else enc.codebook
+    if codebook is None:
+        codebook = enc.codebook
+    return latents, codebook, lambda xb: enc.encode(xb, device=dev, progress=False)

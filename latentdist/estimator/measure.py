@@ -174,6 +174,7 @@ def measure(
     config: MeasureConfig | None = None,
     *,
     codebook: torch.Tensor | None = None,
+    encoder: Any = None,
     progress: bool = True,
     **settings: Any,
 ) -> MeasureResult:
@@ -183,6 +184,7 @@ def measure(
     ``data``: (N', *data_shape) likewise. Settings are ``MeasureConfig`` fields, as a config or
     keywords (e.g. ``generator="mlp", capacities=(8, 16), metric="w2", fit="ot"``).
     ``codebook``: (K, C) for vector-quantised latents, to report codebook usage.
+    ``encoder``: a callable batch -> latents, for the diagnostics that need it (equivariance).
     """
     from latentdist.discrepancy import discrepancy
 
@@ -332,6 +334,7 @@ def measure(
         "monotone": not rises,
         "warnings": warnings,
         "latent": latent_info,
+        "diagnostics": _diagnostics(z_all, x_all, encoder, is_integer, cfg.seed),
         "data": {"shape": list(data_shape), "rows": n_x, "rows_loaded": len(x_all)},
         "fit_diagnostics": {
             "final_loss": fit_info["final_loss"],
@@ -378,6 +381,12 @@ def _geometry(z: torch.Tensor, codebook, is_integer: bool, seed: int) -> dict:
     info = latent_geometry(z, codebook=codebook, is_integer=is_integer, seed=seed)
     info.setdefault("shape", list(z.shape[1:]))
     return info
+
+
+def _diagnostics(z: torch.Tensor, x: torch.Tensor, encoder, is_integer: bool, seed: int) -> dict:
+    from latentdist.proxies.diagnostics import latent_diagnostics
+
+    return latent_diagnostics(z, x, encoder=encoder, discrete=is_integer, seed=seed)
 
 
 def _monotonicity_warnings(curve: list[dict]) -> list[str]:
