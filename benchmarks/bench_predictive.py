@@ -20,6 +20,7 @@ times then add up to the sequential time). Writes benchmarks/results/predictive[
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -77,9 +78,17 @@ def _pin(cores_per_job: int, slot_queue) -> None:
 
 
 def train_one(name: str, changes: dict, data: str, steps: int, root: str, small: bool) -> dict:
-    """Train one zoo member with train-dae's library entry point; returns its folder and time."""
+    """Train one zoo member with train-dae's library entry point; returns its folder and time.
+
+    A finished run of the same steps already in the folder (``--keep``) is reused, with the
+    training time its run.json recorded."""
     from latentdist.dae import TrainConfig, train
 
+    done = Path(root) / name / "run.json"
+    if done.is_file():
+        run = json.loads(done.read_text())
+        if run.get("finished") and run.get("steps") == steps and run.get("data") == data:
+            return {"name": name, "folder": str(done.parent), "train_s": run["time_s"]}
     mode = changes.get("mode", "dae")
     half = steps // 2
     cfg = TrainConfig(
@@ -237,7 +246,8 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="3 encoders on digits, short (CI)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per encoder")
     ap.add_argument("--jobs", type=int, default=1, help="encoders processed at a time")
-    ap.add_argument("--keep", default=None, help="keep the runs in this folder")
+    ap.add_argument("--keep", default=None, help="keep (and reuse) the runs in this folder")
+    ap.add_argument("--train-only", action="store_true", help="stop after training (with --keep)")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args()
 
@@ -272,6 +282,8 @@ def main() -> None:
         if jobs == 1:
             torch.set_num_threads(min(per_job, torch.get_num_threads()))
             trained = [train_one(n, c, data, steps, root, small) for n, c in zoo]
+            if args.train_only:
+                return print(json.dumps(trained, indent=1))
             t0 = time.perf_counter()
             features = shared_features(data, trained[0]["folder"], feature_steps, root)
             t_features = time.perf_counter() - t0
@@ -290,6 +302,8 @@ def main() -> None:
                         *zip(*[(n, c, data, steps, root, small) for n, c in zoo], strict=True),
                     )
                 )
+                if args.train_only:
+                    return print(json.dumps(trained, indent=1))
                 t0 = time.perf_counter()
                 features = ex.submit(
                     shared_features, data, trained[0]["folder"], feature_steps, root
