@@ -494,30 +494,17 @@ def save_compare(
                 hi,
                 out / f"recon_{slug}.png",
             )
-            half = (len(imgs["samples"]) + 1) // 2
-            plot_image_grid(
-                [
-                    (f"{r['name']}: decoded prior samples", imgs["samples"][:half]),
-                    ("", imgs["samples"][half:]),
-                ],
-                lo,
-                hi,
-                out / f"samples_{slug}.png",
-            )
             recon_files.append(f"recon_{slug}.png")
-            sample_files.append(f"samples_{slug}.png")
-            if imgs.get("probe") is not None:
-                half = (len(imgs["probe"]) + 1) // 2
-                plot_image_grid(
-                    [
-                        (f"{r['name']}: decoded probe samples", imgs["probe"][:half]),
-                        ("", imgs["probe"][half:]),
-                    ],
-                    lo,
-                    hi,
-                    out / f"probe_{slug}.png",
-                )
-                probe_files.append(f"probe_{slug}.png")
+            for key, what, files in (
+                ("samples", "prior", sample_files),
+                ("probe", "probe", probe_files),
+            ):
+                if imgs.get(key) is None:
+                    continue
+                half = (len(imgs[key]) + 1) // 2
+                rows = [(f"{r['name']}: decoded {what} samples", imgs[key][:half])]
+                plot_image_grid(rows + [("", imgs[key][half:])], lo, hi, out / f"{key}_{slug}.png")
+                files.append(f"{key}_{slug}.png")
         figures["Reconstructions (top: held-out data, bottom: reconstruction)"] = recon_files
         figures["Decoded samples from each run's latent prior"] = sample_files
         if probe_files:
