@@ -180,6 +180,19 @@ def test_bad_inputs_are_one_line_usage_errors(runs, tmp_path):
     assert "[1, 8, 8]" in str(res.exception) and "\n" not in str(res.exception)
     res = CliRunner().invoke(compare_cmd, ["--data", "digits", "--out", str(tmp_path / "o")])
     assert isinstance(res.exception, UsageError) and "at least one" in str(res.exception)
+    res = CliRunner().invoke(
+        compare_cmd,
+        [
+            str(runs / "dae"),
+            "--data",
+            "digits",
+            "--out",
+            str(tmp_path / "o"),
+            "--probe-steps",
+            "-1",
+        ],
+    )
+    assert isinstance(res.exception, UsageError) and "--probe-steps -1" in str(res.exception)
 
 
 def test_cli_exit_status_2(runs, tmp_path, capsys):
