@@ -109,6 +109,7 @@ def test_gmm_modes_counts_well_separated_clusters():
     z = np.concatenate([c + rng.standard_normal((300, 5)) for c in centres])
     out = gmm_modes(z, max_components=6, n_pca=3)
     assert out["n_modes"] == 3 and len(out["bic"]) == 6 and out["pca_dims"] == 3
+    assert not out["saturated"] and gmm_modes(z, max_components=2)["saturated"]
     assert gmm_modes(rng.standard_normal((600, 5)), max_components=4)["n_modes"] == 1
 
 

@@ -310,8 +310,8 @@ def gmm_modes(
     structured ones before PCA chooses among them), reduced by PCA to ``n_pca`` components (``sklearn.decomposition.PCA``), and full-covariance
     ``sklearn.mixture.GaussianMixture`` models with k = 1 .. ``max_components`` are fitted; the
     chosen k minimises BIC = -2 log L + p log N (Schwarz 1978). MAETok (Chen et al. 2025) reports
-    that latents with fewer modes give lower diffusion loss. Returns ``n_modes`` and the BIC
-    curve.
+    that latents with fewer modes give lower diffusion loss. Returns ``n_modes``, the BIC
+    curve, and ``saturated`` (the largest k won: the count is a lower bound).
     """
     from sklearn.decomposition import PCA
     from sklearn.mixture import GaussianMixture
@@ -336,8 +336,10 @@ def gmm_modes(
             )
             for k in range(1, max_components + 1)
         ]
+    n_modes = int(np.argmin(bics)) + 1
     return {
-        "n_modes": int(np.argmin(bics)) + 1,
+        "n_modes": n_modes,
+        "saturated": n_modes == max_components,  # BIC still falling: at least this many
         "bic": bics,
         "pca_dims": int(a.shape[1]),
         "rows": len(a),

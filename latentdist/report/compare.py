@@ -27,6 +27,9 @@ GEN_COLUMNS = (
 )
 
 
+HEADLINE_GEN = tuple(c for c in GEN_COLUMNS if c[0] != "kid")  # KID: probe table, JSON, frame
+
+
 def _half(ci: list[float] | None) -> float | None:
     return None if not ci else (ci[1] - ci[0]) / 2
 
@@ -111,10 +114,10 @@ def _table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     metric = runs[0]["measure"]["metric"] if runs else "d"
     header = ["run", "mode", "enc/dec params", "recon MSE", "PSNR (dB)"]
     header += [f"{metric} c={c}" if c is not None else f"{metric} (linear)" for c in caps]
-    header += ["floor", "critical c"] + [label for _, label in GEN_COLUMNS]
+    header += ["floor", "critical c"] + [label for _, label in HEADLINE_GEN]
     probe = any(r.get("probe") for r in runs)
     if probe:
-        header += ["probe FD", "probe KID"]
+        header += ["probe FD"]
     body = []
     for r in runs:
         rec, m, g = r["reconstruction"], r["measure"], r["generation"]
@@ -132,12 +135,10 @@ def _table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             _pm(m["floor"]["mean"], m["floor"]["ci"]),
             "none" if crit is None else str(crit),
         ]
-        row += [_pm(g[key]["mean"], g[key]["ci"], "{:.3g}") for key, _ in GEN_COLUMNS]
+        row += [_pm(g[key]["mean"], g[key]["ci"], "{:.3g}") for key, _ in HEADLINE_GEN]
         if probe:
             p = r.get("probe") or {}
-            row += [
-                _pm(p[key]["mean"], p[key]["ci"], "{:.3g}") if p else "-" for key in ("fd", "kid")
-            ]
+            row.append(_pm(p["fd"]["mean"], p["fd"]["ci"], "{:.3g}") if p else "-")
         body.append(row)
     return header, body
 
@@ -198,7 +199,12 @@ def diagnostics_table(report: dict[str, Any]) -> str:
                 _num(v["scaling_factor"]),
                 _num(v["std_spread"]),
                 _num(v["gaussian_kl_per_dim"]),
-                _num(v["gmm_modes"], "{:.0f}"),
+                _num(v["gmm_modes"], "{:.0f}")
+                + (
+                    "+"
+                    if ((r.get("diagnostics") or {}).get("modes") or {}).get("saturated")
+                    else ""
+                ),
             ]
             + [_num(v.get(f"noisy_mse_{s_}")) for s_ in sigmas]
         )
