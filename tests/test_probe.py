@@ -39,7 +39,9 @@ def test_flow_keeps_the_two_modes_of_a_1d_mixture():
 def test_flow_keeps_latent_shape_and_is_seeded():
     z = torch.randn(64, 2, 3, 3)
     tiny = ProbeRecipe(steps=5, width=16, sample_steps=4)
+    threads = torch.get_num_threads()
     a = FlowPrior(tiny).fit(z, seed=3).sample(10, seed=4)
+    assert torch.get_num_threads() == threads  # the probe's one-thread setting is undone
     b = FlowPrior(tiny).fit(z, seed=3).sample(10, seed=4)
     assert a.shape == (10, 2, 3, 3) and torch.equal(a, b)
     with pytest.raises(UsageError):
