@@ -44,6 +44,7 @@ def main() -> None:
                 device="cpu",
                 progress=False,
                 gen_seeds=2 if args.small else 3,
+                probe_steps=300 if args.small else None,
             )
             sections.append(
                 f"## {name} ({steps} training steps per run)\n\n```\n{result.table()}\n```\n"

@@ -19,6 +19,7 @@ def main() -> None:
         ["bench_trainer.py", *(["--steps", "60", "--repeats", "2", "--no-write"] if small else [])],
         ["bench_quality.py", *(["--small"] if small else [])],
         ["bench_validity.py", *(["--small"] if small else [])],
+        ["bench_predictive.py", *(["--small"] if small else [])],
     ]
     failed = []
     for script, *args in jobs:

@@ -27,7 +27,7 @@ TINY = dict(
 MEASURE_FLAGS = [
     "--capacities", "4,16", "--steps", "30", "--n-eval", "100", "--seeds", "2",
     "--no-proxies", "--device", "cpu", "--gen-seeds", "2", "--feature-steps", "30",
-    "--prior-components", "3", "--quiet",
+    "--prior-components", "3", "--probe-steps", "40", "--quiet",
 ]  # fmt: skip
 
 
@@ -90,6 +90,18 @@ def test_compare_json_has_finite_values_and_modes(compared):
         for key in ("precision", "recall", "coverage"):
             assert all(0 <= v <= 1 for v in r["generation"][key]["per_seed"]), key
         assert r["generation"]["fd"]["mean"] >= 0 and r["generation"]["w2"]["mean"] > 0
+        probe = r["probe"]
+        assert probe["model"] == "rectified flow" and probe["time_s"] > 0
+        for key in GENERATION_KEYS:
+            assert _finite(probe[key]["mean"]) and len(probe[key]["per_seed"]) == 2, key
+        diag = r["diagnostics"]
+        assert _finite(diag["spectrum"]["kl_image_latent"]) and diag["spectrum"]["n_bins"] == 16
+        assert all(_finite(diag["equivariance"][t]) for t in ("scale_2x", "rot90"))
+        assert diag["statistics"]["scaling_factor"] > 0 and diag["modes"]["n_modes"] >= 1
+        mse = diag["decoder_robustness"]["mse"]
+        assert mse["0"] == pytest.approx(r["reconstruction"]["mse"], rel=1e-5)
+        assert set(mse) == {"0", "0.1", "0.2", "0.5"} and all(_finite(v) for v in mse.values())
+    assert report["probe_settings"]["recipe"]["steps"] == 40
 
 
 def test_same_settings_and_seeds_across_runs(compared):
@@ -135,8 +147,10 @@ def test_report_and_figures(compared):
     out, report, output = compared
     md = (out / "report.md").read_text()
     assert "| run | mode | enc/dec params | recon MSE | PSNR (dB) | mmd c=4 | mmd c=16 |" in md
-    pngs = ["curves.png", "proxies.png"] + [
-        f"{kind}_{name}.png" for name in ("dae", "joint", "ext") for kind in ("recon", "samples")
+    pngs = ["curves.png", "proxies.png", "spectrum.png"] + [
+        f"{kind}_{name}.png"
+        for name in ("dae", "joint", "ext")
+        for kind in ("recon", "samples", "probe")
     ]
     for f in pngs:
         assert f"![{f}]({f})" in md
@@ -144,6 +158,8 @@ def test_report_and_figures(compared):
         assert data.startswith(PNG_MAGIC) and len(data) > 1000, f
     for name in ("dae", "joint", "ext"):
         assert f"| {name} |" in md
+    assert "## Generation probe" in md and "## Diagnostics" in md
+    assert "| run | model | probe FD | probe KID |" in md
     # the terminal table names every run and the report's location
     assert "dae" in output and "ext" in output and "report.md" in output
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries
@@ -164,6 +180,19 @@ def test_bad_inputs_are_one_line_usage_errors(runs, tmp_path):
     assert "[1, 8, 8]" in str(res.exception) and "\n" not in str(res.exception)
     res = CliRunner().invoke(compare_cmd, ["--data", "digits", "--out", str(tmp_path / "o")])
     assert isinstance(res.exception, UsageError) and "at least one" in str(res.exception)
+    res = CliRunner().invoke(
+        compare_cmd,
+        [
+            str(runs / "dae"),
+            "--data",
+            "digits",
+            "--out",
+            str(tmp_path / "o"),
+            "--probe-steps",
+            "-1",
+        ],
+    )
+    assert isinstance(res.exception, UsageError) and "--probe-steps -1" in str(res.exception)
 
 
 def test_cli_exit_status_2(runs, tmp_path, capsys):

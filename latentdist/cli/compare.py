@@ -52,6 +52,13 @@ from latentdist.errors import UsageError
 @click.option(
     "--prior-pca", type=int, default=64, show_default=True, help="PCA dimensions before the GMM."
 )
+@click.option(
+    "--probe-steps",
+    type=int,
+    default=None,
+    help="Training steps of the generation probe (a rectified flow on the latents; see "
+    "docs/metrics.md). Default: the fixed recipe's 1000; 0 skips the probe.",
+)
 @click.option("--k", "k", type=int, default=5, show_default=True, help="k for PRDC.")
 @measurement_options
 @click.option("--encode-batch-size", type=int, default=256, show_default=True)
@@ -66,8 +73,10 @@ def compare(**o) -> None:
     """Compare train-dae runs (and external encoder/decoder pairs) head to head.
 
     Every run gets the same measurement (same flags and seeds as `measure`), reconstruction error
-    on held-out rows, and generation quality (a latent prior fitted, sampled and decoded; FD,
-    precision/recall/density/coverage, W2 against held-out data).
+    on held-out rows, generation quality (a Gaussian-mixture prior and the probe, a rectified
+    flow of one fixed recipe, fitted, sampled and decoded; FD, KID, precision/recall/density/
+    coverage, W2 against held-out data) and diffusability diagnostics (latent spectrum,
+    equivariance, latent statistics, mode count, decoder robustness to latent noise).
     """
     from latentdist.evaluation.compare import RunSpec
     from latentdist.evaluation.compare import compare as run_compare
@@ -92,6 +101,7 @@ def compare(**o) -> None:
         n_samples=o["n_samples"],
         prior_components=o["prior_components"],
         prior_pca=o["prior_pca"],
+        probe_steps=o["probe_steps"],
         k=o["k"],
         encode_batch_size=o["encode_batch_size"],
         device=o["device"],

@@ -232,8 +232,10 @@ def measure(**o) -> None:
     cfg = config_from_options(o)
     data = load_data(o["data"], trust_pickle=o["trust_pickle"], image=image_options_of(o))
     encoder_info: dict = {}
-    latents, codebook = load_latents(o, data, cfg.device, encoder_info)
-    result = run_measure(latents, data, cfg, codebook=codebook, progress=not o["quiet"])
+    latents, codebook, encoder = load_latents(o, data, cfg.device, encoder_info)
+    result = run_measure(
+        latents, data, cfg, codebook=codebook, encoder=encoder, progress=not o["quiet"]
+    )
     if encoder_info:
         result.report["encoder"] = encoder_info
     if o["out"]:
@@ -251,7 +253,8 @@ def image_options_of(o: dict) -> ImageOptions:
 
 
 def load_latents(o: dict, data, device: str, info: dict | None = None):
-    """Latents from ``--latents`` or by encoding the data with ``--encoder``; and a codebook if any.
+    """Latents from ``--latents`` or by encoding the data with ``--encoder``; a codebook if any;
+    and the encoder as a callable (batch -> latents) for the diagnostics, None with --latents.
 
     ``info``, when given, receives the encoder's path, format and latent normalisation.
     """
@@ -269,7 +272,7 @@ def load_latents(o: dict, data, device: str, info: dict | None = None):
                 f"--latents {o['latents']}: {len(latents)} rows, but --data has {len(data)}; "
                 "rows must correspond"
             )
-        return latents, codebook
+        return latents, codebook, None
     dev = resolve_device(device)
     enc = load_encoder(
         o["encoder"],
@@ -289,4 +292,6 @@ def load_latents(o: dict, data, device: str, info: dict | None = None):
         progress=not o.get("quiet"),
         seed=o.get("seed", 0),
     )
-    return latents, codebook if codebook is not None else enc.codebook
+    if codebook is None:
+        codebook = enc.codebook
+    return latents, codebook, lambda xb: enc.encode(xb, device=dev, progress=False)

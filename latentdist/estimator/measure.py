@@ -206,6 +206,7 @@ def measure(
     config: MeasureConfig | None = None,
     *,
     codebook: torch.Tensor | None = None,
+    encoder: Any = None,
     progress: bool = True,
     **settings: Any,
 ) -> MeasureResult:
@@ -215,6 +216,7 @@ def measure(
     ``data``: (N', *data_shape) likewise. Settings are ``MeasureConfig`` fields, as a config or
     keywords (e.g. ``generator="mlp", capacities=(8, 16), metric="w2", fit="ot"``).
     ``codebook``: (K, C) for vector-quantised latents, to report codebook usage.
+    ``encoder``: a callable batch -> latents, for the diagnostics that need it (equivariance).
     """
 
     t_start = time.perf_counter()
@@ -379,6 +381,7 @@ def measure(
         "monotone": not rises,
         "warnings": warnings,
         "latent": latent_info,
+        "diagnostics": _diagnostics(z_all, x_all, encoder, is_integer, cfg.seed),
         "data": {"shape": list(data_shape), "rows": n_x, "rows_loaded": len(x_all)},
         "fit_diagnostics": {
             "final_loss": {f: fitted[f]["final_loss"] for f in fits},
@@ -652,6 +655,12 @@ def _geometry(z: torch.Tensor, codebook, is_integer: bool, seed: int) -> dict:
     info = latent_geometry(z, codebook=codebook, is_integer=is_integer, seed=seed)
     info.setdefault("shape", list(z.shape[1:]))
     return info
+
+
+def _diagnostics(z: torch.Tensor, x: torch.Tensor, encoder, is_integer: bool, seed: int) -> dict:
+    from latentdist.proxies.diagnostics import latent_diagnostics
+
+    return latent_diagnostics(z, x, encoder=encoder, discrete=is_integer, seed=seed)
 
 
 def _monotonicity_warnings(curve: list[dict]) -> list[str]:

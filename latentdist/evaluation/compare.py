@@ -9,12 +9,17 @@ For every run (a ``train-dae`` folder, or an external TorchScript encoder + deco
 * the full **measurement** ``latentdist.measure`` on the latents of all rows (it holds out its own
   rows): the distance curve ``c -> D_c`` with floor, intervals, critical capacity, proxies and
   latent geometry (SPEC §1-2);
-* **generation quality**: a latent prior is fitted on the training rows' latents (a Gaussian
-  mixture over flattened latents after PCA when they are large; for VQ codes an autoregressive
-  prior over code positions), sampled, decoded with the run's decoder and compared with the
-  held-out data by Fréchet distance in a feature space (Heusel et al., 2017), precision / recall /
-  density / coverage with k nearest neighbours (Naeem et al., 2020) and W2 in data space; one value
-  per generation seed, reported as mean with a 95 % interval.
+* **generation quality**, twice: the cheap baseline (a Gaussian mixture over flattened latents
+  after PCA when they are large) and the **probe** (a rectified flow of one fixed recipe,
+  ``latentdist.evaluation.probe``, trained on the training rows' latents, as diffusion models use
+  latents); for VQ codes both are the autoregressive prior over code positions. Samples are
+  decoded with the run's decoder and compared with the held-out data by Fréchet distance and
+  KID in a feature space (Heusel et al., 2017; Binkowski et al., 2018), precision / recall /
+  density / coverage with k nearest neighbours (Naeem et al., 2020) and W2 in data space; one
+  value per generation seed, reported as mean with a 95 % interval;
+* **diagnostics** (``latentdist.proxies.diagnostics``): latent spectrum vs image spectrum,
+  equivariance errors, latent statistics, mode count (all from ``measure``) and the decoder's
+  robustness to latent noise.
 
 Held-out rows: a train-dae run's recorded validation indices when the data fingerprint matches the
 run's, else the trainer's rule with its defaults (``split_indices(n, 0.1, 0)``) and a warning. The
@@ -28,7 +33,7 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -39,8 +44,9 @@ import torch
 from latentdist.errors import UsageError
 from latentdist.estimator.measure import MeasureConfig
 from latentdist.estimator.stats import mean_ci
+from latentdist.evaluation.probe import PROBE_RECIPE, FlowPrior
 
-GENERATION_KEYS = ("fd", "precision", "recall", "density", "coverage", "w2")
+GENERATION_KEYS = ("fd", "kid", "precision", "recall", "density", "coverage", "w2")
 FALLBACK_SPLIT = {"val_fraction": 0.1, "split_seed": 0}
 N_IMAGES = 8  # reconstructions and samples kept per run for the figures
 
@@ -235,6 +241,7 @@ def compare(
     max_samples: int = 2000,
     prior_components: int = 10,
     prior_pca: int = 64,
+    probe_steps: int | None = None,
     k: int = 5,
     encode_batch_size: int = 256,
     device: str = "auto",
@@ -249,13 +256,16 @@ def compare(
     ``device``). Generation: ``gen_seeds`` repetitions of (fit prior, sample ``n_samples``
     (default: the held-out count, at most ``max_samples``), decode, score against held-out data);
     ``features``: a TorchScript feature extractor for FD/PRDC, else a small network trained once
-    here on training rows (``feature_steps`` steps). See the module docstring for the definitions.
+    here on training rows (``feature_steps`` steps). The probe uses ``PROBE_RECIPE`` with
+    ``probe_steps`` optimiser steps when given (0: no probe). See the module docstring for the
+    definitions.
     """
     from latentdist import measure
     from latentdist.data import DataSource, load_data
     from latentdist.data.encoders import load_encoder
     from latentdist.device import resolve_device
     from latentdist.evaluation import generation as gen
+    from latentdist.proxies import diagnostics as diag
 
     t_start = time.perf_counter()
     specs = [_as_spec(r) for r in runs]
@@ -266,6 +276,9 @@ def compare(
         raise UsageError(f"--gen-seeds {gen_seeds}: expected an integer >= 1")
     if n_samples is not None and n_samples < 2:
         raise UsageError(f"--n-samples {n_samples}: expected an integer >= 2")
+    if probe_steps is not None and probe_steps < 0:
+        raise UsageError(f"--probe-steps {probe_steps}: expected an integer >= 0")
+    recipe = PROBE_RECIPE if probe_steps is None else replace(PROBE_RECIPE, steps=probe_steps)
     cfg = MeasureConfig(**{**asdict(measure_config or MeasureConfig()), "device": device})
     cfg.validate()
     dev = resolve_device(device)
@@ -343,23 +356,63 @@ def compare(
             )
         recon = reconstruction_metrics(x_val, x_hat, data_range)
 
-        m = measure(z, src, cfg, codebook=enc.codebook, progress=progress)
-
-        generation, fakes = _generation(
-            z[train_rows],
-            x_val,
-            decoder,
-            enc.codebook,
-            extractor,
-            seeds=[cfg.seed + i for i in range(gen_seeds)],
-            n_samples=n_samples or min(len(val), max_samples),
-            prior_components=prior_components,
-            prior_pca=prior_pca,
-            k=k,
-            device=dev,
-            batch=encode_batch_size,
-            gen=gen,
+        t0 = time.perf_counter()
+        m = measure(
+            z,
+            src,
+            cfg,
+            codebook=enc.codebook,
+            encoder=lambda xb, enc=enc: enc.encode(xb, device=dev, progress=False),
+            progress=progress,
         )
+        t_measure = time.perf_counter() - t0
+        diagnostics = m.report.pop("diagnostics")
+        diagnostics["decoder_robustness"] = diag.decoder_robustness(
+            lambda zb, decoder=decoder: _decode(decoder, zb, dev, encode_batch_size),
+            z[val],
+            x_val,
+            seed=cfg.seed,
+        )
+
+        seeds = [cfg.seed + i for i in range(gen_seeds)]
+        n_gen = n_samples or min(len(val), max_samples)
+        vq = enc.codebook is not None
+        scoring = dict(
+            decoder=decoder, extractor=extractor, k=k, device=dev, batch=encode_batch_size
+        )
+        z_train = z[train_rows]
+        t0 = time.perf_counter()
+        if vq:
+            sampler = _code_sampler(z_train, enc.codebook)
+            generation, fakes = _score_prior(sampler, x_val, seeds, n_gen, **scoring)
+        else:
+
+            def gmm(seed: int, n: int, z_train=z_train) -> torch.Tensor:
+                prior = gen.GaussianMixturePrior(
+                    n_components=prior_components, n_pca=prior_pca, seed=seed
+                ).fit(z_train)
+                return torch.as_tensor(prior.sample(n, seed=seed)).float()
+
+            generation, fakes = _score_prior(gmm, x_val, seeds, n_gen, **scoring)
+        generation["prior"] = "codes (autoregressive)" if vq else "gaussian mixture"
+        t_generation = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        probe: dict[str, Any] | None = None
+        probe_fakes = None
+        if recipe.steps > 0:
+            if vq:  # the autoregressive prior is the probe for code maps
+                probe, probe_fakes = dict(generation), fakes
+                probe["model"] = "codes (autoregressive), as the baseline"
+            else:
+
+                def flow(seed: int, n: int, z_train=z_train) -> torch.Tensor:
+                    return FlowPrior(recipe).fit(z_train, seed=seed).sample(n, seed=seed)
+
+                probe, probe_fakes = _score_prior(flow, x_val, seeds, n_gen, **scoring)
+                probe["model"] = "rectified flow"
+        t_probe = time.perf_counter() - t0
+        if probe is not None:
+            probe["time_s"] = t_probe
         run = s.run or {}
         warnings += [f"{s.name}: {w}" for w in m.report["warnings"]]
         results.append(
@@ -379,6 +432,14 @@ def compare(
                 "reconstruction": recon,
                 "measure": m.report,
                 "generation": generation,
+                "probe": probe,
+                "diagnostics": diagnostics,
+                "timings": {
+                    "measure_s": t_measure,
+                    "generation_s": t_generation,
+                    "probe_s": t_probe,
+                    "diagnostics_s": diagnostics["time_s"],
+                },
             }
         )
         images[s.name] = {
@@ -386,6 +447,8 @@ def compare(
             "recon": x_hat[:N_IMAGES].clone(),
             "samples": fakes[: 2 * N_IMAGES].clone(),
         }
+        if probe_fakes is not None:
+            images[s.name]["probe"] = probe_fakes[: 2 * N_IMAGES].clone()
 
     report = {
         "data": {
@@ -413,9 +476,18 @@ def compare(
             "reference": "held-out data rows",
             "metrics": {
                 "fd": "Fréchet distance between Gaussian fits in the feature space (Heusel et al., 2017)",
+                "kid": "unbiased MMD^2, cubic polynomial kernel, in the feature space, mean over "
+                "50 subsets of at most 1000 (Binkowski et al., 2018)",
                 "precision/recall/density/coverage": f"k-NN manifolds, k={k} (Naeem et al., 2020)",
                 "w2": "exact W2 between decoded samples and held-out data, in data space (POT)",
             },
+        },
+        "probe_settings": {
+            "recipe": recipe.to_dict(),
+            "continuous": recipe.describe() if recipe.steps > 0 else "off (--probe-steps 0)",
+            "vq": "the autoregressive prior over code positions (as the baseline)",
+            "seeds": [cfg.seed + i for i in range(gen_seeds)],
+            "metrics": "as generation_settings (same features, held-out rows and sample count)",
         },
         "runs": results,
         "warnings": warnings,
@@ -426,49 +498,45 @@ def compare(
     return CompareResult(report, images)
 
 
-def _generation(
-    z_train: torch.Tensor,
+def _code_sampler(z_train: torch.Tensor, codebook: torch.Tensor):
+    """A sampler (seed, n) -> latents: the autoregressive prior over the runs' code maps."""
+    from latentdist.evaluation.generation import CodePrior
+    from latentdist.proxies.geometry import nearest_codes
+
+    codes = nearest_codes(z_train, codebook)
+
+    def sample(seed: int, n: int) -> torch.Tensor:
+        prior = CodePrior(num_codes=len(codebook)).fit(codes, seed=seed)
+        zs = codebook.float()[prior.sample(n, seed=seed)]
+        return zs.movedim(-1, 1) if z_train.ndim == 4 else zs
+
+    return sample
+
+
+def _score_prior(
+    sampler: Any,
     x_val: torch.Tensor,
-    decoder: Any,
-    codebook: torch.Tensor | None,
-    extractor: Any,
-    *,
     seeds: list[int],
     n_samples: int,
-    prior_components: int,
-    prior_pca: int,
+    *,
+    decoder: Any,
+    extractor: Any,
     k: int,
     device: torch.device,
     batch: int,
-    gen: Any,
 ) -> tuple[dict, torch.Tensor]:
-    """Per seed: fit the prior on training latents, sample, decode, score; mean and 95 % CI."""
-    from latentdist.proxies.geometry import nearest_codes
+    """Per seed: ``sampler(seed, n)`` latents, decode, score; mean and 95 % CI per metric."""
+    from latentdist.evaluation.generation import generation_metrics
 
     per_seed: dict[str, list[float]] = {key: [] for key in GENERATION_KEYS}
     first = None
-    vq = codebook is not None
-    codes = nearest_codes(z_train, codebook) if vq else None
     for seed in seeds:
-        if vq:  # code maps: the prior is over discrete positions, samples are codebook vectors
-            prior = gen.CodePrior(num_codes=len(codebook)).fit(codes, seed=seed)
-            idx = prior.sample(n_samples, seed=seed)
-            zs = codebook.float()[idx]
-            if z_train.ndim == 4:
-                zs = zs.movedim(-1, 1)
-        else:
-            prior = gen.GaussianMixturePrior(
-                n_components=prior_components, n_pca=prior_pca, seed=seed
-            ).fit(z_train)
-            zs = torch.as_tensor(prior.sample(n_samples, seed=seed)).float()
-            zs = zs.reshape(n_samples, *z_train.shape[1:])
-        fake = _decode(decoder, zs, device, batch)
-        scores = gen.generation_metrics(x_val, fake, extractor, k=k)
+        fake = _decode(decoder, sampler(seed, n_samples), device, batch)
+        scores = generation_metrics(x_val, fake, extractor, k=k)
         for key in GENERATION_KEYS:
             per_seed[key].append(float(scores[key]))
         if first is None:
             first = fake
-    out = {key: mean_ci(v) for key, v in per_seed.items()}
+    out: dict[str, Any] = {key: mean_ci(v) for key, v in per_seed.items()}
     out["n_samples"] = n_samples
-    out["prior"] = "codes (autoregressive)" if vq else "gaussian mixture"
     return out, first

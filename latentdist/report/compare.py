@@ -18,12 +18,16 @@ from latentdist.report.measure import PROXY_COLUMNS
 
 GEN_COLUMNS = (
     ("fd", "FD"),
+    ("kid", "KID"),
     ("precision", "precision"),
     ("recall", "recall"),
     ("density", "density"),
     ("coverage", "coverage"),
     ("w2", "W2"),
 )
+
+
+HEADLINE_GEN = tuple(c for c in GEN_COLUMNS if c[0] != "kid")  # KID: probe table, JSON, frame
 
 
 def _half(ci: list[float] | None) -> float | None:
@@ -69,8 +73,39 @@ def compare_frame(report: dict[str, Any]) -> pd.DataFrame:
             row[key] = g[key]["mean"]
             ci = g[key]["ci"] or [None, None]
             row[f"{key}_lo"], row[f"{key}_hi"] = ci
+        for key, _ in GEN_COLUMNS:
+            p = (r.get("probe") or {}).get(key)
+            row[f"probe_{key}"] = p["mean"] if p else None
+            row[f"probe_{key}_lo"], row[f"probe_{key}_hi"] = (p and p["ci"]) or [None, None]
+        row.update(diagnostic_values(r.get("diagnostics") or {}))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _value(d: Any, *keys: str) -> float | None:
+    """d[k1][k2]... as a float, or None where a key is missing or the entry was skipped."""
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return float(d) if isinstance(d, (int, float)) and d is not None else None
+
+
+def diagnostic_values(diag: dict[str, Any]) -> dict[str, float | None]:
+    """The scalar diagnostics of one run (None where skipped), keyed as in tables and studies."""
+    out = {
+        "spectrum_kl": _value(diag, "spectrum", "kl_image_latent"),
+        "spectrum_hf_latent": _value(diag, "spectrum", "high_freq_fraction", "latent"),
+        "equivariance_scale": _value(diag, "equivariance", "scale_2x"),
+        "equivariance_rot90": _value(diag, "equivariance", "rot90"),
+        "scaling_factor": _value(diag, "statistics", "scaling_factor"),
+        "std_spread": _value(diag, "statistics", "std_spread"),
+        "gaussian_kl_per_dim": _value(diag, "statistics", "gaussian_kl", "kl_per_dim"),
+        "gmm_modes": _value(diag, "modes", "n_modes"),
+    }
+    for sigma, v in ((diag.get("decoder_robustness") or {}).get("mse") or {}).items():
+        out[f"noisy_mse_{sigma}"] = float(v)
+    return out
 
 
 def _table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -79,7 +114,10 @@ def _table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     metric = runs[0]["measure"]["metric"] if runs else "d"
     header = ["run", "mode", "enc/dec params", "recon MSE", "PSNR (dB)"]
     header += [f"{metric} c={c}" if c is not None else f"{metric} (linear)" for c in caps]
-    header += ["floor", "critical c"] + [label for _, label in GEN_COLUMNS]
+    header += ["floor", "critical c"] + [label for _, label in HEADLINE_GEN]
+    probe = any(r.get("probe") for r in runs)
+    if probe:
+        header += ["probe FD"]
     body = []
     for r in runs:
         rec, m, g = r["reconstruction"], r["measure"], r["generation"]
@@ -97,9 +135,93 @@ def _table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             _pm(m["floor"]["mean"], m["floor"]["ci"]),
             "none" if crit is None else str(crit),
         ]
-        row += [_pm(g[key]["mean"], g[key]["ci"], "{:.3g}") for key, _ in GEN_COLUMNS]
+        row += [_pm(g[key]["mean"], g[key]["ci"], "{:.3g}") for key, _ in HEADLINE_GEN]
+        if probe:
+            p = r.get("probe") or {}
+            row.append(_pm(p["fd"]["mean"], p["fd"]["ci"], "{:.3g}") if p else "-")
         body.append(row)
     return header, body
+
+
+def _md(header: list[str], body: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    return "\n".join(out + ["| " + " | ".join(row) + " |" for row in body])
+
+
+def probe_table(report: dict[str, Any]) -> str:
+    """Markdown: the probe's metrics per run (mean ± 95% CI half-width over seeds) and its time."""
+    header = ["run", "model"] + [f"probe {label}" for _, label in GEN_COLUMNS] + ["time (s)"]
+    body = []
+    for r in report["runs"]:
+        p = r.get("probe")
+        if not p:
+            body.append([r["name"], "off"] + ["-"] * (len(GEN_COLUMNS) + 1))
+            continue
+        body.append(
+            [r["name"], p["model"]]
+            + [_pm(p[key]["mean"], p[key]["ci"], "{:.3g}") for key, _ in GEN_COLUMNS]
+            + [f"{p['time_s']:.1f}"]
+        )
+    return _md(header, body)
+
+
+def _num(v: float | None, fmt: str = "{:.3g}") -> str:
+    return "-" if v is None or not np.isfinite(v) else fmt.format(v)
+
+
+def diagnostics_table(report: dict[str, Any]) -> str:
+    """Markdown: spectrum, equivariance, statistics, modes and decoder robustness per run."""
+    sigmas = []
+    for r in report["runs"]:
+        mse = ((r.get("diagnostics") or {}).get("decoder_robustness") or {}).get("mse") or {}
+        sigmas = [k for k in mse if k not in sigmas and k != "0"] or sigmas
+    header = [
+        "run",
+        "spectrum KL(img‖lat)",
+        "latent HF share",
+        "equiv. scale 2x",
+        "equiv. rot 90°",
+        "scaling factor",
+        "channel std max/min",
+        "Gaussian KL / dim",
+        "GMM modes (BIC)",
+    ] + [f"MSE σ={s_}" for s_ in sigmas]
+    body = []
+    for r in report["runs"]:
+        v = diagnostic_values(r.get("diagnostics") or {})
+        body.append(
+            [
+                r["name"],
+                _num(v["spectrum_kl"]),
+                _num(v["spectrum_hf_latent"]),
+                _num(v["equivariance_scale"]),
+                _num(v["equivariance_rot90"]),
+                _num(v["scaling_factor"]),
+                _num(v["std_spread"]),
+                _num(v["gaussian_kl_per_dim"]),
+                _num(v["gmm_modes"], "{:.0f}")
+                + (
+                    "+"
+                    if ((r.get("diagnostics") or {}).get("modes") or {}).get("saturated")
+                    else ""
+                ),
+            ]
+            + [_num(v.get(f"noisy_mse_{s_}")) for s_ in sigmas]
+        )
+    return _md(header, body)
+
+
+def _skipped_notes(report: dict[str, Any]) -> list[str]:
+    """One line per diagnostic that was skipped, with its reason (deduplicated across runs)."""
+    notes: dict[str, list[str]] = {}
+    for r in report["runs"]:
+        diag = r.get("diagnostics") or {}
+        for key, val in diag.items():
+            entries = val.items() if key == "equivariance" else [(key, val)]
+            for name, v in entries:
+                if isinstance(v, dict) and "skipped" in v:
+                    notes.setdefault(f"{name}: {v['skipped']}", []).append(r["name"])
+    return [f"- {note} ({', '.join(runs)})" for note, runs in notes.items()]
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -130,10 +252,7 @@ def _settings_line(report: dict[str, Any], cfg: dict[str, Any]) -> str:
 
 def markdown_table(report: dict[str, Any]) -> str:
     """The comparison as a Markdown table a paper could print."""
-    header, body = _table_rows(report)
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-    out += ["| " + " | ".join(row) + " |" for row in body]
-    return "\n".join(out)
+    return _md(*_table_rows(report))
 
 
 def _plt(path_given: bool):
@@ -199,6 +318,39 @@ def plot_proxies(report: dict[str, Any], path: str | Path | None = None):
         ax.set_xlabel("capacity")
         ax.set_title(key)
     axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        save_figure(path, fig, dpi=120)
+        plt.close(fig)
+    return fig
+
+
+def plot_spectra(report: dict[str, Any], path: str | Path | None = None):
+    """Each run's radial DCT spectrum of the latent beside the downsampled images' (dashed)."""
+    plt = _plt(path is not None)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = False
+    for i, r in enumerate(report["runs"]):
+        spec = (r.get("diagnostics") or {}).get("spectrum") or {}
+        if "latent" not in spec:
+            continue
+        lat = np.asarray(spec["latent"], dtype=float)
+        img = np.asarray(spec["image"], dtype=float)
+        bins = np.arange(len(lat))
+        ok = np.isfinite(lat) & np.isfinite(img)
+        kl = spec["kl_image_latent"]
+        ax.plot(bins[ok], lat[ok], "o-", color=f"C{i}", label=f"{r['name']} latent (KL {kl:.3g})")
+        ax.plot(bins[ok], img[ok], "--", color=f"C{i}", lw=1, alpha=0.7)
+        drawn = True
+    if drawn:
+        ax.plot([], [], "k--", lw=1, label="images at the latent's size")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no spatial latents: no spectrum", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("radial DCT frequency bin (low → high)")
+    ax.set_ylabel("normalised mean power")
+    ax.set_title("latent vs image spectrum (Skorokhodov et al. 2025)")
     fig.tight_layout()
     if path is not None:
         save_figure(path, fig, dpi=120)
@@ -276,6 +428,37 @@ def report_markdown(report: dict[str, Any], figures: dict[str, list[str]]) -> st
             f"| {r['name']} | {r['mode']} | {r['held_out']['rows']} | {r['held_out']['source']} | "
             f"{r['encoder_params']:,} / {r['decoder_params']:,} / {'-' if aux is None else f'{aux:,}'} |"
         )
+    ps = report.get("probe_settings")
+    if ps:
+        lines += [
+            "",
+            "## Generation probe",
+            "",
+            f"Continuous latents: {ps['continuous']}. VQ codes: {ps['vq']}. Trained on each run's "
+            f"training-row latents, {len(ps['seeds'])} seeds, scored like the baseline above "
+            "(same features, held-out rows, sample count). Mean ± 95% CI half-width.",
+            "",
+            probe_table(report),
+        ]
+    if any(r.get("diagnostics") for r in report["runs"]):
+        lines += [
+            "",
+            "## Diagnostics",
+            "",
+            "Spectrum: KL(image ‖ latent) between 16-bin radial DCT power spectra of the latent and "
+            "of the images blurred and resized to the latent's size, and the latent's share of "
+            "power in the upper half of the bins (Skorokhodov et al. 2025). Equivariance: "
+            "‖E(Tx) − T E(x)‖² / ‖E(Tx)‖² for 2x downscaling and 90° rotation (EQ-VAE). Scaling "
+            "factor 1/std(z) as a diffusion model applies it; Gaussian KL per dimension of the "
+            "per-channel standardised latent to N(0, I); GMM modes by BIC on the PCA-reduced "
+            "latent (MAETok). MSE σ: reconstruction error of held-out rows with noise of std σ "
+            "added to the standardised latent (l-DeTok). See docs/proxies.md.",
+            "",
+            diagnostics_table(report),
+        ]
+        notes = _skipped_notes(report)
+        if notes:
+            lines += ["", "Skipped:", ""] + notes
     if report.get("warnings"):
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in report["warnings"]]
     lines += ["", "## Figures", ""]
@@ -287,7 +470,8 @@ def report_markdown(report: dict[str, Any], figures: dict[str, list[str]]) -> st
 def save_compare(
     report: dict[str, Any], images: dict[str, dict[str, Any]], out_dir: str | Path
 ) -> list[Path]:
-    """Write compare.json, curves.png, proxies.png, recon_/samples_<run>.png (images) and report.md."""
+    """Write compare.json, curves.png, proxies.png, spectrum.png (spatial latents),
+    recon_/samples_/probe_<run>.png (images) and report.md."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "compare.json"]
@@ -296,9 +480,15 @@ def save_compare(
     plot_proxies(report, out / "proxies.png")
     figures = {"Distance curves": ["curves.png"], "Proxies": ["proxies.png"]}
     written += [out / "curves.png", out / "proxies.png"]
+    if any(
+        "latent" in ((r.get("diagnostics") or {}).get("spectrum") or {}) for r in report["runs"]
+    ):
+        plot_spectra(report, out / "spectrum.png")
+        figures["Latent spectra (diagnostics)"] = ["spectrum.png"]
+        written.append(out / "spectrum.png")
     if report["data"]["kind"] == "images":
         lo, hi = report["data"]["min"], report["data"]["max"]
-        recon_files, sample_files = [], []
+        recon_files, sample_files, probe_files = [], [], []
         for r in report["runs"]:
             imgs = images.get(r["name"])
             if not imgs:
@@ -310,21 +500,22 @@ def save_compare(
                 hi,
                 out / f"recon_{slug}.png",
             )
-            half = (len(imgs["samples"]) + 1) // 2
-            plot_image_grid(
-                [
-                    (f"{r['name']}: decoded prior samples", imgs["samples"][:half]),
-                    ("", imgs["samples"][half:]),
-                ],
-                lo,
-                hi,
-                out / f"samples_{slug}.png",
-            )
             recon_files.append(f"recon_{slug}.png")
-            sample_files.append(f"samples_{slug}.png")
+            for key, what, files in (
+                ("samples", "prior", sample_files),
+                ("probe", "probe", probe_files),
+            ):
+                if imgs.get(key) is None:
+                    continue
+                half = (len(imgs[key]) + 1) // 2
+                rows = [(f"{r['name']}: decoded {what} samples", imgs[key][:half])]
+                plot_image_grid(rows + [("", imgs[key][half:])], lo, hi, out / f"{key}_{slug}.png")
+                files.append(f"{key}_{slug}.png")
         figures["Reconstructions (top: held-out data, bottom: reconstruction)"] = recon_files
         figures["Decoded samples from each run's latent prior"] = sample_files
-        written += [out / f for f in recon_files + sample_files]
+        if probe_files:
+            figures["Decoded samples from each run's generation probe"] = probe_files
+        written += [out / f for f in recon_files + sample_files + probe_files]
     save_text(out / "report.md", report_markdown(report, figures))
     written.append(out / "report.md")
     return written
