@@ -119,7 +119,9 @@ class MeasureConfig:
             import os
 
             if not os.path.isfile(str(self.features)):
-                raise bad("metric-features", self.features, "identity, learned or a TorchScript file")
+                raise bad(
+                    "metric-features", self.features, "identity, learned or a TorchScript file"
+                )
         if self.epsilon is not None and not (np.isfinite(self.epsilon) and self.epsilon >= 0):
             raise bad("epsilon", self.epsilon, "a non-negative number")
         resolve_device(self.device)
