@@ -265,17 +265,22 @@ def measure(
     fits = [cfg.fit]
     if cfg.select and cfg.fit in DISTRIBUTIONAL and rows_correspond:
         fits.append("paired")
-    bandwidth = median_bandwidth(x_all[splits[0].train_x[:2000]])
+    # the mmd fit's kernel width, from fitting rows (1.0 is unused by the other fits)
+    bandwidth = median_bandwidth(x_all[splits[0].train_x[:2000]]) if "mmd" in fits else 1.0
     t0 = time.perf_counter()
+    rows = (  # on the fitting device once, for every fit
+        z_all.to(device),
+        x_all.to(device),
+        [sp.train_z.to(device) for sp in splits],
+        [sp.train_x.to(device) for sp in splits],
+    )
     fitted = {
         f: _fit_sweep(
             f,
             cfg,
             caps,
             seeds,
-            splits,
-            z_all,
-            x_all,
+            rows,
             latent_shape,
             data_shape,
             device,
@@ -410,9 +415,7 @@ def _fit_sweep(
     cfg: MeasureConfig,
     caps: list[int | None],
     seeds: list[int],
-    splits: list,
-    z_all: torch.Tensor,
-    x_all: torch.Tensor,
+    rows: tuple,
     latent_shape: tuple[int, ...],
     data_shape: tuple[int, ...],
     device: torch.device,
@@ -427,9 +430,7 @@ def _fit_sweep(
     """
     member_caps = [c for c in caps for _ in seeds]
     member_slot = [i for _ in caps for i in range(len(seeds))]
-    z_dev, x_dev = z_all.to(device), x_all.to(device)
-    train_z = [sp.train_z.to(device) for sp in splits]
-    train_x = [sp.train_x.to(device) for sp in splits]
+    z_dev, x_dev, train_z, train_x = rows  # all rows and each seed's fitting rows, on device
     settings = FitSettings(
         fit=fit,
         steps=cfg.steps,
@@ -550,7 +551,7 @@ def _evaluate(
     """
     fits = list(fitted)
     out: dict[int | None, dict[str, Any]] = {}
-    chosen_prev: list[tuple[str, torch.nn.Module] | None] = [None] * len(seeds)
+    chosen_prev: list[tuple[str, torch.nn.Module, float, float] | None] = [None] * len(seeds)
     bar = tqdm(
         total=len(caps) * len(seeds),
         desc=f"evaluate {cfg.metric}",
@@ -590,29 +591,34 @@ def _evaluate(
                 rec["generators"].append(own[fits[0]])
                 bar.update()
                 continue
-            cands = [(f"{f}@{cap if cap is not None else 'linear'}", g) for f, g in own.items()]
+            # candidates: (label, generator, held-out distance if known, validation value if known)
+            tag = cap if cap is not None else "linear"
+            cands = [(f"{f}@{tag}", g, rec["by_fit"][f][-1], None) for f, g in own.items()]
             if cap is not None:
 
                 def fresh(cap: int = cap) -> torch.nn.Module:
                     return make_generator(cfg.generator, latent_shape, data_shape, cap, cfg.depth)
 
-                if chosen_prev[slot] is not None:
-                    label, g_prev = chosen_prev[slot]
-                    cands.append((label, embed_generator(g_prev, fresh()).eval()))
+                if chosen_prev[slot] is not None:  # same function, so its values carry over
+                    label, g_prev, d_prev, v_prev = chosen_prev[slot]
+                    cands.append((label, embed_generator(g_prev, fresh()).eval(), d_prev, v_prev))
                 else:
                     for f in fits:
                         if fitted[f]["linear"] is not None:
                             g_lin = embed_linear(fitted[f]["linear"][slot], fresh()).eval()
-                            cands.append((f"{f}@linear", g_lin))
+                            cands.append((f"{f}@linear", g_lin, None, None))
             z_val = z_all[sp.val_z]
-            values = [val_judges[slot](_apply(g, z_val)) for _, g in cands]
-            label, g_best = cands[int(np.argmin(values))]
-            own_label = {f"{f}@{cap if cap is not None else 'linear'}": f for f in own}
-            best = rec["by_fit"][own_label[label]][-1] if label in own_label else score(g_best)
+            values = [
+                v if v is not None else val_judges[slot](_apply(g, z_val)) for _, g, _, v in cands
+            ]
+            k = int(np.argmin(values))
+            label, g_best, best, _ = cands[k]
+            if best is None:
+                best = score(g_best)
             rec["distance"].append(best)
             rec["chosen"].append(label)
             rec["generators"].append(g_best)
-            chosen_prev[slot] = (label, g_best)
+            chosen_prev[slot] = (label, g_best, best, values[k])
             bar.update()
         out[cap] = rec
     bar.close()
