@@ -159,6 +159,18 @@ class MeasureConfig:
         resolve_device(self.device)
         return self
 
+    def resolve_generator(self, latent_shape: tuple[int, ...], data_shape: tuple[int, ...]) -> str:
+        """Replace ``generator="auto"`` by ``choose_generator``'s family (with its default
+        capacities and lr unless given); returns the reason, as the report states it."""
+        if self.generator != "auto":
+            return f"{self.generator}: given"
+        self.generator, why = choose_generator(
+            latent_shape, data_shape, self.capacities, self.depth
+        )
+        self.capacities = self.capacities or DEFAULT_CAPACITIES[self.generator]
+        self.validate()
+        return why
+
 
 @dataclass
 class MeasureResult:
@@ -254,9 +266,8 @@ def measure(
     """
 
     t_start = time.perf_counter()
-    cfg = config or MeasureConfig()
-    if settings:
-        cfg = MeasureConfig(**{**asdict(cfg), **settings})
+    # a copy: resolving defaults (auto generator, capacities, lr) never changes the caller's config
+    cfg = MeasureConfig(**{**asdict(config or MeasureConfig()), **settings})
     cfg.validate()
     is_integer = bool(getattr(latents, "is_integer", False))
     z_src = latents if _is_source(latents) else _as_tensor(latents, "latents")
@@ -268,13 +279,7 @@ def measure(
         raise UsageError(
             f"--fit paired needs one latent per data row: {n_z} latents vs {n_x} data rows"
         )
-    generator_choice = f"{cfg.generator}: given"
-    if cfg.generator == "auto":
-        cfg.generator, generator_choice = choose_generator(
-            latent_shape, data_shape, cfg.capacities, cfg.depth
-        )
-        cfg.capacities = cfg.capacities or DEFAULT_CAPACITIES[cfg.generator]
-        cfg.validate()
+    generator_choice = cfg.resolve_generator(latent_shape, data_shape)
     if cfg.generator == "conv":
         upsampling_factor(latent_shape, data_shape)  # raises a UsageError on impossible shapes
     n_rows = min(n_z, n_x)
