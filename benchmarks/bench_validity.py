@@ -325,7 +325,10 @@ def v3(small: bool, fits: list[str], capacities: tuple, steps: int | None) -> tu
         ">= 32 contains h). Pass: z* at every width >= 32 within max(floor's upper limit, 10 % "
         "of the first-4 distance), and first-2 and first-4 above the floor beyond both "
         "intervals at every width. The 'chosen' row names, per seed, the generator the default "
-        "reported at the largest width.\n\n" + "\n".join(out)
+        "reported at the largest width. In the default run the paired fit runs first and the "
+        "mmd fit starts from it ('mmd alone, inside the default run'); 'fit=..., selection off' "
+        "is that fit from its own initialisation, with no warm start and no paired fit: the "
+        "pure distributional fit.\n\n" + "\n".join(out)
     )
     return text, verdicts
 

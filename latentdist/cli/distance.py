@@ -67,7 +67,7 @@ def _metric_names() -> list[str]:
 @click.option(
     "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
 )
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--no-progress", "--quiet", "quiet", is_flag=True, help="No progress bars.")
 def distance(samples: str, reference: str, **o) -> None:
     """The discrepancy between generated SAMPLES and a reference set, with its floor.
 
