@@ -78,6 +78,20 @@ def compare(**o) -> None:
     coverage, W2 against held-out data) and diffusability diagnostics (latent spectrum,
     equivariance, latent statistics, mode count, decoder robustness to latent noise).
     """
+    from latentdist.estimator import distributed
+
+    with distributed.session(o["device"]) as group:  # under torchrun: the process group
+        # a failure on any rank stops every rank with its message, before anything is written
+        result = distributed.check(lambda: _compare(o))
+        if group is not None and not group.is_main:
+            return  # rank 0 alone writes and prints
+    result.save(o["out"])
+    click.echo(result.to_json() if o["fmt"] == "json" else result.table())
+    if o["fmt"] == "table":
+        click.echo(f"wrote {o['out']}/compare.json, report.md and figures")
+
+
+def _compare(o: dict):
     from latentdist.evaluation.compare import RunSpec
     from latentdist.evaluation.compare import compare as run_compare
 
@@ -108,7 +122,4 @@ def compare(**o) -> None:
         trust_pickle=o["trust_pickle"],
         progress=not o["quiet"],
     )
-    result.save(o["out"])
-    click.echo(result.to_json() if o["fmt"] == "json" else result.table())
-    if o["fmt"] == "table":
-        click.echo(f"wrote {o['out']}/compare.json, report.md and figures")
+    return result

@@ -27,6 +27,7 @@ from latentdist.discrepancy import METRICS as _ALL_METRICS
 from latentdist.discrepancy import NEEDS_FIT, median_bandwidth
 from latentdist.discrepancy.judge import Judge
 from latentdist.errors import UsageError
+from latentdist.estimator import distributed as _dist
 from latentdist.estimator.fit import DISTRIBUTIONAL, FITS, FitSettings, fit_ensemble
 from latentdist.estimator.split import default_n_eval, default_n_val, make_split
 from latentdist.estimator.stats import mean_ci
@@ -222,6 +223,8 @@ def measure(
     """
 
     t_start = time.perf_counter()
+    memory = _dist.Memory()
+    memory.start()
     cfg = config or MeasureConfig()
     if settings:
         cfg = MeasureConfig(**{**asdict(cfg), **settings})
@@ -274,8 +277,10 @@ def measure(
         [sp.train_z.to(device) for sp in splits],
         [sp.train_x.to(device) for sp in splits],
     )
+    memory.stop("load")
+    memory.start()
     fitted = {
-        f: _fit_sweep(
+        f: _dist.fit_sweep(  # _fit_sweep, its members split across torchrun's ranks
             f,
             cfg,
             caps,
@@ -290,30 +295,17 @@ def measure(
         for f in fits
     }
     t_fit = time.perf_counter() - t0
+    memory.stop("fit")
 
     # --- held-out evaluation, the floor, and the choice among candidates on validation rows
+    # (_judges and _evaluate per seed, the seeds split across torchrun's ranks)
     t0 = time.perf_counter()
-    judges, floors, val_judges = [], [], []
-    for s, sp in zip(seeds, splits, strict=True):
-        judge, floor_value, val_judge = _judges(cfg, sp, x_all, data_shape, s)
-        judges.append(judge)
-        floors.append(floor_value)
-        val_judges.append(val_judge)
-    curve_data = _evaluate(
-        cfg,
-        caps,
-        seeds,
-        splits,
-        z_all,
-        x_all,
-        fitted,
-        judges,
-        val_judges,
-        latent_shape,
-        data_shape,
-        progress,
+    memory.start()
+    kernel, floors, curve_data, eval_seeds = _dist.evaluate(
+        cfg, caps, seeds, splits, z_all, x_all, fitted, latent_shape, data_shape, progress
     )
     t_eval = time.perf_counter() - t0
+    memory.stop("evaluate")
 
     floor = mean_ci(floors)
     epsilon = cfg.epsilon
@@ -322,8 +314,22 @@ def measure(
 
     # --- proxies on the chosen generators, geometry of the latent
     t0 = time.perf_counter()
+    memory.start()
     curve = []
     generators: dict[int | None, list[torch.nn.Module]] = {}
+    per_member = {}
+    if cfg.proxies:  # one (capacity, seed) each, split across torchrun's ranks
+        from latentdist.proxies import generator_proxies
+
+        items = [(c, i) for c in caps for i in range(len(seeds))]
+        values = _dist.map_items(
+            lambda m: generator_proxies(
+                curve_data[m[0]]["generators"][m[1]], z_all[splits[m[1]].eval_z], latent_shape
+            ),
+            items,
+            [curve_data[c]["params"] for c, _ in items],
+        )
+        per_member = dict(zip(items, values, strict=True))
     for cap in tqdm(caps, desc="proxies", disable=not (progress and cfg.proxies), leave=False):
         info = curve_data[cap]
         generators[cap] = info["generators"]
@@ -338,11 +344,12 @@ def measure(
         if info["recon"]:
             entry["recon_rmse"] = mean_ci(info["recon"])
         if cfg.proxies:
-            entry["proxies"] = _proxies(info["generators"], z_all, splits, latent_shape)
+            entry["proxies"] = _proxies([per_member[(cap, i)] for i in range(len(seeds))])
         else:
             entry["proxies"] = {"params": entry["params"]}
         curve.append(entry)
     t_proxies = time.perf_counter() - t0
+    memory.stop("proxies")
     rises = _monotonicity_warnings(curve)
     undetermined = _undetermined(curve, floor)
     for e in curve:
@@ -364,8 +371,23 @@ def measure(
     ):
         critical = 0
     t0 = time.perf_counter()
-    latent_info = _geometry(z_all, codebook, is_integer, cfg.seed)
+    memory.start()
+    latent_info, diagnostics = _dist.on_main(  # rank 0's, under torchrun
+        lambda: (
+            _geometry(z_all, codebook, is_integer, cfg.seed),
+            _diagnostics(z_all, x_all, encoder, is_integer, cfg.seed),
+        )
+    )
     t_geometry = time.perf_counter() - t0
+    memory.stop("geometry")
+    group = _dist.current()
+    timings = {
+        "fit_s": t_fit,
+        "eval_s": t_eval,
+        "proxies_s": t_proxies,
+        "geometry_s": t_geometry,
+        "total_s": time.perf_counter() - t_start,
+    }
 
     report = {
         "metric": cfg.metric,
@@ -373,7 +395,7 @@ def measure(
         "fit_meaning": FIT_MEANING[cfg.fit],
         "fits": fits,
         "selection": SELECTION_MEANING if cfg.select else None,
-        "kernel": judges[0].kernel or None,
+        "kernel": kernel or None,
         "generator": cfg.generator,
         "depth": cfg.depth if cfg.generator != "linear" else None,
         "n_eval": n_eval,
@@ -388,7 +410,7 @@ def measure(
         "monotone": not rises,
         "warnings": warnings,
         "latent": latent_info,
-        "diagnostics": _diagnostics(z_all, x_all, encoder, is_integer, cfg.seed),
+        "diagnostics": diagnostics,
         "data": {"shape": list(data_shape), "rows": n_x, "rows_loaded": len(x_all)},
         "fit_diagnostics": {
             "final_loss": {f: fitted[f]["final_loss"] for f in fits},
@@ -398,12 +420,12 @@ def measure(
         "config": {**asdict(cfg), "capacities": list(cfg.capacities), "n_eval": n_eval},
         "device": str(device),
         "versions": _versions(),
-        "timings": {
-            "fit_s": t_fit,
-            "eval_s": t_eval,
-            "proxies_s": t_proxies,
-            "geometry_s": t_geometry,
-            "total_s": time.perf_counter() - t_start,
+        "timings": timings,
+        "memory": _dist.memory_report(memory, timings),
+        "distributed": {
+            **_dist.describe(group),
+            "fitted": {f: fitted[f].get("plan") for f in fits} if group else None,
+            "evaluated_seeds": eval_seeds if group else None,
         },
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -421,15 +443,20 @@ def _fit_sweep(
     device: torch.device,
     bandwidth: float,
     progress: bool,
+    members: list[tuple[int | None, int]] | None = None,
 ) -> dict[str, Any]:
     """Fit one generator per (capacity, seed) with ``fit``, all members at once.
 
     With selection on, MLP members start from the linear generator fitted first by the same fit
     (its map in the skip path, the body's output zero): every capacity starts where G_linear's
-    best fit ended, which it contains.
+    best fit ended, which it contains. ``members``: only these (capacity, seed slot) pairs, in
+    capacity order (a rank's share under torchrun, see ``distributed``); default all.
     """
-    member_caps = [c for c in caps for _ in seeds]
-    member_slot = [i for _ in caps for i in range(len(seeds))]
+    sweep = [(c, i) for c in caps for i in range(len(seeds))]
+    subset = None if members is None else (len(sweep), [sweep.index(m) for m in members])
+    members = sweep if members is None else members
+    member_caps = [c for c, _ in members]
+    member_slot = [i for _, i in members]
     z_dev, x_dev, train_z, train_x = rows  # all rows and each seed's fitting rows, on device
     settings = FitSettings(
         fit=fit,
@@ -451,8 +478,14 @@ def _fit_sweep(
     ).to(device)
     linear = None
     if cfg.generator == "mlp" and cfg.select:
+        lin_slots = sorted(set(member_slot))  # batches are drawn for every slot regardless
         lin = GeneratorEnsemble(
-            "linear", latent_shape, data_shape, [None] * len(seeds), seeds, bucket_ratio=ratio
+            "linear",
+            latent_shape,
+            data_shape,
+            [None] * len(lin_slots),
+            [seeds[i] for i in lin_slots],
+            bucket_ratio=ratio,
         ).to(device)
         lin_settings = FitSettings(**{**asdict(settings), "lr": DEFAULT_LR["linear"]})
         fit_ensemble(
@@ -461,12 +494,15 @@ def _fit_sweep(
             x_dev,
             train_z,
             train_x,
-            list(range(len(seeds))),
+            lin_slots,
             lin_settings,
             seed=cfg.seed,
             progress=progress,
+            subset=None if subset is None else (len(seeds), lin_slots),
         )
-        linear = [lin.export(i) for i in range(len(seeds))]
+        linear = [None] * len(seeds)
+        for k, i in enumerate(lin_slots):
+            linear[i] = lin.export(k)
         for m, slot in enumerate(member_slot):
             ensemble.load_member(m, embed_linear(linear[slot], ensemble.export(m)))
     info = fit_ensemble(
@@ -479,6 +515,7 @@ def _fit_sweep(
         settings,
         seed=cfg.seed,
         progress=progress,
+        subset=subset,
     )
     index = {(c, slot): m for m, (c, slot) in enumerate(zip(member_caps, member_slot, strict=True))}
     return {"ensemble": ensemble, "index": index, "linear": linear, **info}
@@ -637,14 +674,9 @@ def _undetermined(curve: list[dict], floor: dict) -> set:
     }
 
 
-def _proxies(gens: list[torch.nn.Module], z_all: torch.Tensor, splits, latent_shape) -> dict:
-    """Proxies of each seed's generator at one capacity: mean over seeds, with the range."""
-    from latentdist.proxies import generator_proxies
-
-    per_seed = [
-        generator_proxies(g, z_all[sp.eval_z], latent_shape)
-        for g, sp in zip(gens, splits, strict=True)
-    ]
+def _proxies(per_seed: list[dict]) -> dict:
+    """Proxies of each seed's generator at one capacity (``generator_proxies`` on its evaluation
+    latents): mean over seeds, with the range."""
     keys = [k for k, v in per_seed[0].items() if isinstance(v, (int, float))]
     out: dict[str, Any] = {k: float(np.mean([p[k] for p in per_seed])) for k in keys}
     out["params"] = int(per_seed[0]["params"])
