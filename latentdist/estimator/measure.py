@@ -31,7 +31,11 @@ from latentdist.estimator import distributed as _dist
 from latentdist.estimator.fit import DISTRIBUTIONAL, FITS, FitSettings, fit_ensemble
 from latentdist.estimator.split import default_n_eval, default_n_val, make_split
 from latentdist.estimator.stats import mean_ci
-from latentdist.generators.ensemble import GeneratorEnsemble, default_bucket_ratio
+from latentdist.generators.ensemble import (
+    GeneratorEnsemble,
+    _member_seed,
+    default_bucket_ratio,
+)
 from latentdist.generators.modules import (
     FAMILIES,
     embed_generator,
@@ -633,8 +637,14 @@ def _evaluate(
             cands = [(f"{f}@{tag}", g, rec["by_fit"][f][-1], None) for f, g in own.items()]
             if cap is not None:
 
-                def fresh(cap: int = cap) -> torch.nn.Module:
-                    return make_generator(cfg.generator, latent_shape, data_shape, cap, cfg.depth)
+                def fresh(cap: int = cap, seed: int = seeds[slot]) -> torch.nn.Module:
+                    # the new units' initialisation, fixed by (seed, capacity) rather than by
+                    # the global random stream: the same whatever ran before (e.g. under torchrun)
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(_member_seed(seed, cap))
+                        return make_generator(
+                            cfg.generator, latent_shape, data_shape, cap, cfg.depth
+                        )
 
                 if chosen_prev[slot] is not None:  # same function, so its values carry over
                     label, g_prev, d_prev, v_prev = chosen_prev[slot]
