@@ -77,6 +77,9 @@ def compare(**o) -> None:
     flow of one fixed recipe, fitted, sampled and decoded; FD, KID, precision/recall/density/
     coverage, W2 against held-out data) and diffusability diagnostics (latent spectrum,
     equivariance, latent statistics, mode count, decoder robustness to latent noise).
+
+    Under torchrun (torchrun --nproc-per-node N -m latentdist compare ...) the measurement and
+    the encoding are split across the processes; rank 0 writes (docs/distributed.md).
     """
     from latentdist.estimator import distributed
 

@@ -224,6 +224,10 @@ def measure(**o) -> None:
     Fits generators g in G_c from the latents to the data for every capacity and seed (all at once),
     evaluates the discrepancy on held-out rows beside the finite-sample floor, and reports
     intervals, the critical capacity, generator-complexity proxies and the latent's geometry.
+
+    Under torchrun (torchrun --nproc-per-node N -m latentdist measure ...; several nodes with
+    torchrun's rendezvous flags) the members, the encoding and the evaluation are split across
+    the processes, with the single-process result; rank 0 writes (docs/distributed.md).
     """
     from latentdist.estimator import distributed
 
