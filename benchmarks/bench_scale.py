@@ -86,6 +86,7 @@ def run(procs: int, data: Path, encoder: Path, out: Path, flags: list[str]) -> d
     wall = time.perf_counter() - t0
     if proc.returncode:
         sys.exit(f"bench_scale: {' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     report = json.loads((out / "measure.json").read_text())
     t, mem = report["timings"], report["memory"]
     ranks = mem.get("per_rank", [mem])
@@ -106,6 +107,7 @@ def run(procs: int, data: Path, encoder: Path, out: Path, flags: list[str]) -> d
         if len(ranks) > 1
         else mem["peak_rss_mb"],
         "members": report["distributed"]["fitted"],
+        "load": load,
     }
 
 
@@ -158,7 +160,7 @@ def main() -> None:
 
 def report(results: list[dict], rows: list[int], procs: list[int], flags: list[str]) -> str:
     cols = ["rows", "procs", "threads/proc", "wall_s", "encode_s", "fit_s", "eval_s", "rest_s"]
-    cols += ["encode_mb", "fit_mb", "eval_mb", "peak_mb", "rss_total_mb"]
+    cols += ["encode_mb", "fit_mb", "eval_mb", "peak_mb", "rss_total_mb", "load"]
     table = markdown_table([{k: r[k] for k in cols} for r in results])
     by = {(r["rows"], r["procs"]): r for r in results}
     ratio_rows = []
@@ -199,7 +201,8 @@ def report(results: list[dict], rows: list[int], procs: list[int], flags: list[s
         "",
         "Times in seconds, memory in MiB (peak resident set per phase, reset at its start; "
         "rank 0's phases, `peak_mb` the largest over ranks, `rss_total_mb` all ranks' peaks "
-        "added). `rest_s`: geometry and diagnostics (proxies are off).",
+        "added). `rest_s`: geometry and diagnostics (proxies are off). `load`: the machine's 1-minute "
+        "load average when the run ended (above the core count, other work shared the cores).",
         "",
         table,
         "",

@@ -95,6 +95,7 @@ def compare(**o) -> None:
 
 
 def _compare(o: dict):
+    from latentdist.estimator import distributed
     from latentdist.evaluation.compare import RunSpec
     from latentdist.evaluation.compare import compare as run_compare
 
@@ -123,6 +124,6 @@ def _compare(o: dict):
         encode_batch_size=o["encode_batch_size"],
         device=o["device"],
         trust_pickle=o["trust_pickle"],
-        progress=not o["quiet"],
+        progress=distributed.progress(o),
     )
     return result

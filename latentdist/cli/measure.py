@@ -264,7 +264,7 @@ def _measure(o: dict):
     t_encode = time.perf_counter() - t0
     memory.stop("encode" if o["encoder"] else "latents")
     result = run_measure(
-        latents, data, cfg, codebook=codebook, encoder=encoder, progress=not o["quiet"]
+        latents, data, cfg, codebook=codebook, encoder=encoder, progress=distributed.progress(o)
     )
     report = result.report
     if encoder_info:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import os
 import resource
 from collections.abc import Callable, Iterator, Sequence
@@ -140,11 +141,20 @@ def session(device: str) -> Iterator[Group | None]:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         yield None
         return
-    info = ddp.setup(resolve_device(device).type)
+    # ranks wait at exchanges while others work (e.g. the evaluation of fewer seeds than
+    # ranks), longer than torch's default timeouts (NCCL's 10 min); a rank that dies is
+    # torchrun's to notice, which then stops the others
+    info = ddp.setup(resolve_device(device).type, timeout=datetime.timedelta(hours=24))
     try:
         yield current()
     finally:
         ddp.teardown(info)
+
+
+def progress(options: dict) -> bool:
+    """Progress bars unless ``--quiet``; under torchrun on rank 0 only."""
+    group = current()
+    return not options.get("quiet") and (group is None or group.is_main)
 
 
 def gather(fn: Callable[[], Any]) -> list[Any]:
