@@ -4,7 +4,7 @@ A synthetic image set (3x64x64 uint8 images, smooth random colour fields, in a m
 ``.npy``) is encoded by a small TorchScript conv encoder to 4x8x8 latents and measured with conv
 generators, at several row counts. Each run is the command line itself, as a user runs it:
 ``python -m latentdist measure`` for one process and ``torchrun --standalone --nproc-per-node 2
--m latentdist measure`` for two, both with every core in use (``--threads`` = cores / processes).
+-m latentdist measure`` for two, each process with ``--threads`` torch threads (default 1).
 Times and memory come from ``measure.json`` (``timings``: encode_s, fit_s, eval_s; ``memory``:
 the peak resident set of each phase, reset at the phase's start); ``wall`` is the whole
 command, start-up included. With two processes the peak is the larger of the two ranks' and
@@ -70,9 +70,7 @@ class Encoder(torch.nn.Module):
         return self.net(x / 127.5 - 1.0)
 
 
-def run(procs: int, data: Path, encoder: Path, out: Path, flags: list[str]) -> dict:
-    cores = os.cpu_count() or 1
-    threads = max(1, cores // procs)
+def run(procs: int, threads: int, data: Path, encoder: Path, out: Path, flags: list[str]) -> dict:
     args = ["-m", "latentdist", "measure", "--encoder", str(encoder), "--data", str(data)]
     args += [*flags, "--threads", str(threads), "--out", str(out), "--format", "json", "--quiet"]
     if procs == 1:
@@ -123,6 +121,13 @@ def main() -> None:
     ap.add_argument("--rows", default="5000,20000,50000")
     ap.add_argument("--procs", default="1,2")
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per process (default 1: the ratio is then the gain of the split "
+        "alone, free of intra-op threading and of oversubscribing shared cores)",
+    )
     ap.add_argument("--small", action="store_true", help="1000 rows, 10 steps (CI, < 1 min)")
     ap.add_argument("--no-write", action="store_true", help="print only")
     ap.add_argument("--keep", help="folder for the data files (default: a temporary one)")
@@ -147,18 +152,20 @@ def main() -> None:
             make_images(data, n)
             print(f"{n} rows: data written in {time.perf_counter() - t0:.1f} s", flush=True)
             for p in procs:
-                r = run(p, data, encoder, tmp / f"out_{n}_{p}", flags)
+                r = run(p, a.threads, data, encoder, tmp / f"out_{n}_{p}", flags)
                 r = {"rows": n, **r}
                 results.append(r)
                 print(json.dumps(r), flush=True)
             data.unlink()
-    body = report(results, rows, procs, flags)
+    body = report(results, rows, procs, flags, a.threads)
     print(body)
     if not a.no_write and not a.small:
         print(f"wrote {write_result('scale', 'Scale: measure on 1 and 2 CPU processes', body)}")
 
 
-def report(results: list[dict], rows: list[int], procs: list[int], flags: list[str]) -> str:
+def report(
+    results: list[dict], rows: list[int], procs: list[int], flags: list[str], threads: int
+) -> str:
     cols = ["rows", "procs", "threads/proc", "wall_s", "encode_s", "fit_s", "eval_s", "rest_s"]
     cols += ["encode_mb", "fit_mb", "eval_mb", "peak_mb", "rss_total_mb", "load"]
     table = markdown_table([{k: r[k] for k in cols} for r in results])
@@ -196,8 +203,9 @@ def report(results: list[dict], rows: list[int], procs: list[int], flags: list[s
     out = [
         "Command per run: `latentdist measure --encoder enc.pt --data images.npy "
         + " ".join(flags)
-        + " --threads T` (1 process: T = cores; 2 processes: `torchrun --standalone "
-        "--nproc-per-node 2 -m latentdist measure ...`, T = cores / 2).",
+        + f" --threads {threads}` in one process (`python -m latentdist measure ...`) and in "
+        "two (`torchrun --standalone --nproc-per-node 2 -m latentdist measure ...`): "
+        f"{threads} torch thread(s) per process, so two processes use twice the cores.",
         "",
         "Times in seconds, memory in MiB (peak resident set per phase, reset at its start; "
         "rank 0's phases, `peak_mb` the largest over ranks, `rss_total_mb` all ranks' peaks "

@@ -28,6 +28,7 @@ from latentdist.discrepancy import NEEDS_FIT, median_bandwidth
 from latentdist.discrepancy.judge import Judge
 from latentdist.errors import UsageError
 from latentdist.estimator import distributed as _dist
+from latentdist.estimator import streaming as _streaming
 from latentdist.estimator.fit import DISTRIBUTIONAL, FITS, FitSettings, fit_ensemble
 from latentdist.estimator.split import default_n_eval, default_n_val, make_split
 from latentdist.estimator.stats import mean_ci
@@ -264,7 +265,8 @@ def measure(
             torch.cat([getattr(sp, f) for sp in splits for f in z_fields + x_fields])
         )
     z_all = _gather(z_src, splits, z_fields, shared)
-    x_all = _gather(x_src, splits, x_fields, shared)
+    # the data rows in memory, or read on demand when they would not fit (streaming.py)
+    x_all = _streaming.gather(x_src, splits, x_fields, shared, _gather, _is_source(x_src))
 
     # --- fit every (capacity, seed) at once, once per fit (the paired bound beside a
     # distributional fit when rows correspond and selection is on)
@@ -379,7 +381,7 @@ def measure(
     latent_info, diagnostics = _dist.on_main(  # rank 0's, under torchrun
         lambda: (
             _geometry(z_all, codebook, is_integer, cfg.seed),
-            _diagnostics(z_all, x_all, encoder, is_integer, cfg.seed),
+            _diagnostics(z_all, _streaming.head(x_all), encoder, is_integer, cfg.seed),
         )
     )
     t_geometry = time.perf_counter() - t0
@@ -415,7 +417,12 @@ def measure(
         "warnings": warnings,
         "latent": latent_info,
         "diagnostics": diagnostics,
-        "data": {"shape": list(data_shape), "rows": n_x, "rows_loaded": len(x_all)},
+        "data": {
+            "shape": list(data_shape),
+            "rows": n_x,
+            "rows_loaded": len(x_all),
+            "streamed": _streaming.is_lazy(x_all),
+        },
         "fit_diagnostics": {
             "final_loss": {f: fitted[f]["final_loss"] for f in fits},
             "train_rows": len(splits[0].train_x),
@@ -543,10 +550,12 @@ def _features_for(cfg: MeasureConfig, train: torch.Tensor, data_shape, seed: int
 
 def _judges(cfg: MeasureConfig, sp, x_all: torch.Tensor, data_shape, seed: int):
     """(evaluation judge, floor value, validation judge) of one seed's split."""
-    train = x_all[sp.train_x]
-    features = _features_for(cfg, train, data_shape, seed) if cfg.metric in ("fd", "kid") else None
-    half = min(_CRITIC_FIT_ROWS, len(train) // 2)
+    features = None
+    if cfg.metric in ("fd", "kid"):
+        features = _features_for(cfg, x_all[sp.train_x], data_shape, seed)
+    half = min(_CRITIC_FIT_ROWS, len(sp.train_x) // 2)
     needs_fit = cfg.metric in NEEDS_FIT
+    train = x_all[sp.train_x[: 2 * half]] if needs_fit else None  # only the rows it needs
     judge = Judge(
         cfg.metric,
         x_all[sp.eval_x],
