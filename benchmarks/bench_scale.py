@@ -70,7 +70,15 @@ class Encoder(torch.nn.Module):
         return self.net(x / 127.5 - 1.0)
 
 
-def run(procs: int, threads: int, data: Path, encoder: Path, out: Path, flags: list[str]) -> dict:
+def run(
+    procs: int,
+    threads: int,
+    data: Path,
+    encoder: Path,
+    out: Path,
+    flags: list[str],
+    stream: bool = False,
+) -> dict:
     args = ["-m", "latentdist", "measure", "--encoder", str(encoder), "--data", str(data)]
     args += [*flags, "--threads", str(threads), "--out", str(out), "--format", "json", "--quiet"]
     if procs == 1:
@@ -78,7 +86,11 @@ def run(procs: int, threads: int, data: Path, encoder: Path, out: Path, flags: l
     else:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         cmd = [*launcher, "--nproc-per-node", str(procs), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "LATENTDIST_STREAM_ROWS": "1" if stream else "0",
+    }
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
@@ -89,8 +101,10 @@ def run(procs: int, threads: int, data: Path, encoder: Path, out: Path, flags: l
     t, mem = report["timings"], report["memory"]
     ranks = mem.get("per_rank", [mem])
     phases = mem["phases_rss_mb"]
+    assert report["data"]["streamed"] == stream
     return {
         "procs": procs,
+        "rows read": "on demand" if stream else "in memory",
         "threads/proc": threads,
         "wall_s": wall,
         "encode_s": t["encode_s"],
@@ -130,6 +144,11 @@ def main() -> None:
     )
     ap.add_argument("--small", action="store_true", help="1000 rows, 10 steps (CI, < 1 min)")
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument(
+        "--no-stream",
+        action="store_true",
+        help="skip the one-process runs that read the data rows on demand (streaming.py)",
+    )
     ap.add_argument("--keep", help="folder for the data files (default: a temporary one)")
     a = ap.parse_args()
     rows = [1000] if a.small else [int(r) for r in a.rows.split(",")]
@@ -156,6 +175,11 @@ def main() -> None:
                 r = {"rows": n, **r}
                 results.append(r)
                 print(json.dumps(r), flush=True)
+            if not (a.small or a.no_stream):
+                r = run(1, a.threads, data, encoder, tmp / f"out_{n}_s", flags, stream=True)
+                r = {"rows": n, **r}
+                results.append(r)
+                print(json.dumps(r), flush=True)
             data.unlink()
     body = report(results, rows, procs, flags, a.threads)
     print(body)
@@ -166,10 +190,11 @@ def main() -> None:
 def report(
     results: list[dict], rows: list[int], procs: list[int], flags: list[str], threads: int
 ) -> str:
-    cols = ["rows", "procs", "threads/proc", "wall_s", "encode_s", "fit_s", "eval_s", "rest_s"]
+    cols = ["rows", "procs", "rows read", "wall_s", "encode_s", "fit_s", "eval_s", "rest_s"]
     cols += ["encode_mb", "fit_mb", "eval_mb", "peak_mb", "rss_total_mb", "load"]
     table = markdown_table([{k: r[k] for k in cols} for r in results])
-    by = {(r["rows"], r["procs"]): r for r in results}
+    by = {(r["rows"], r["procs"]): r for r in results if r["rows read"] == "in memory"}
+    streamed = {r["rows"]: r for r in results if r["rows read"] == "on demand"}
     ratio_rows = []
     if 1 in procs and len(procs) > 1:
         for n in rows:
@@ -188,11 +213,13 @@ def report(
                     }
                 )
     growth_rows = []
-    for p in procs:
-        vals = [by[(n, p)] for n in rows]
+    series = [(f"{p}, in memory", [by[(n, p)] for n in rows]) for p in procs]
+    if len(streamed) == len(rows):
+        series.append(("1, on demand", [streamed[n] for n in rows]))
+    for name, vals in series:
         growth_rows.append(
             {
-                "procs": p,
+                "procs, rows": name,
                 **{
                     f"{k} exponent": growth(rows, [v[k] for v in vals])
                     for k in ("encode_s", "fit_s", "eval_s", "wall_s", "peak_mb")
@@ -209,7 +236,10 @@ def report(
         "",
         "Times in seconds, memory in MiB (peak resident set per phase, reset at its start; "
         "rank 0's phases, `peak_mb` the largest over ranks, `rss_total_mb` all ranks' peaks "
-        "added). `rest_s`: geometry and diagnostics (proxies are off). `load`: the machine's 1-minute "
+        "added). `rows read`: in memory (the rows the splits use loaded as one block) or on "
+        "demand (`LATENTDIST_STREAM_ROWS=1`: each step reads its minibatches from the "
+        "memory-mapped file). `rest_s`: geometry and diagnostics (proxies are off). "
+        "`load`: the machine's 1-minute "
         "load average when the run ended (above the core count, other work shared the cores).",
         "",
         table,

@@ -110,6 +110,6 @@ def is_lazy(x: Any) -> bool:
 
 
 def head(x: Any, n: int = 2000) -> Any:
-    """The first ``n`` rows of a ``LazyRows`` as a tensor (what the diagnostics read of the
-    data: at most their ``n_max`` first rows); a tensor is returned as it is."""
-    return x[: min(n, len(x))] if isinstance(x, LazyRows) else x
+    """The first ``n`` rows as a tensor: all the diagnostics read of the data (their ``n_max``
+    first rows, 2000), without the float64 copy of every row they would otherwise make."""
+    return x[: min(n, len(x))]
