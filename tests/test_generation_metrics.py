@@ -128,8 +128,12 @@ def test_feature_net_classifies_digits() -> None:
     train.labels = digits.labels[tr]
     net = train_feature_net(train, steps=400, seed=0)
     with torch.no_grad():
-        pred = net.head(net(digits.take(te))).argmax(1).numpy()
+        pred = net.head(net.trunk(digits.take(te))).argmax(1).numpy()
+        feats = net(train.take()).double()
     assert (pred == digits.labels[te]).mean() > 0.8
+    # features standardised on the training rows: zero mean, mean per-dimension variance 1
+    assert feats.mean(0).abs().max() < 1e-5
+    assert feats.var(0).mean() == pytest.approx(1.0, rel=1e-5)
 
 
 def test_generation_metrics_and_torchscript_round_trip(tmp_path) -> None:

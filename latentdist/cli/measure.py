@@ -9,8 +9,13 @@ from latentdist.cli_context import CONTEXT
 from latentdist.data.files import ImageOptions, image_options, parse_size
 from latentdist.errors import UsageError
 from latentdist.estimator.fit import FITS
-from latentdist.estimator.measure import DEFAULT_CAPACITIES, METRICS, MeasureConfig
-from latentdist.generators.modules import FAMILIES
+from latentdist.estimator.measure import (
+    DEFAULT_CAPACITIES,
+    GENERATORS,
+    METRICS,
+    MLP_PARAMS_LIMIT,
+    MeasureConfig,
+)
 
 
 def parse_capacities(text: str | None) -> tuple[int, ...] | None:
@@ -32,11 +37,13 @@ def measurement_options(f):
     options = [
         click.option(
             "--generator",
-            type=click.Choice(FAMILIES),
-            default="mlp",
+            type=click.Choice(GENERATORS),
+            default="auto",
             show_default=True,
             help="Generator family G_c: linear (one-entry curve), mlp (capacity = hidden width), "
-            "conv (capacity = channel width; C×H×W latents to images).",
+            "conv (capacity = channel width; C×H×W latents to images). auto: mlp, unless its "
+            f"widest member would exceed {MLP_PARAMS_LIMIT:,} parameters and the latent is "
+            "spatial (e.g. 250×250 images), then conv; the report's generator_choice says which.",
         ),
         click.option(
             "--capacities",

@@ -438,22 +438,24 @@ def fit_sweep(
     device: torch.device,
     bandwidth: float,
     progress: bool,
+    start: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``_fit_sweep`` with its members split across the ranks of an active group (see the
-    module docstring); the same dictionary, with every member, on every rank."""
+    module docstring); the same dictionary, with every member, on every rank. ``start``: a
+    fitted sweep (gathered, so every rank has every member) whose members start these."""
     from latentdist.estimator.measure import _fit_sweep
 
     args = (fit, cfg, caps, seeds, rows, latent_shape, data_shape, device, bandwidth)
     group = current()
     if group is None:
-        return _fit_sweep(*args, progress)
+        return _fit_sweep(*args, progress, start=start)
     plan = plan_members(cfg, caps, len(seeds), group.world_size, latent_shape, data_shape)
     mine = plan[group.rank]
 
     def local() -> dict[str, Any]:
         if not mine:
             return {"members": {}, "linear": {}}
-        res = _fit_sweep(*args, progress and group.is_main, members=mine)
+        res = _fit_sweep(*args, progress and group.is_main, start=start, members=mine)
         ens, index = res["ensemble"], res["index"]
         return {
             "members": {

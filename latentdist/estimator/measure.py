@@ -56,7 +56,8 @@ SELECTION_MEANING = (
     "every fitted generator is an upper bound on D_c; per capacity and seed the reported one is "
     "the best on validation rows (disjoint from the evaluation rows) among: each fit's generator "
     "at this capacity (by_fit) and the one chosen at the next smaller capacity, which G_c "
-    "contains (nesting). 'chosen' names the winner per seed"
+    "contains (nesting). 'chosen' names the winner per seed. When latent and data rows "
+    "correspond the paired fit runs first and the distributional fit starts from its generator"
 )
 # Validation judges for the choice: the critic trains per judged sample, so choosing with it
 # would multiply its cost by the number of candidates; the MMD judges the choice instead.
@@ -64,13 +65,44 @@ _VALIDATION_METRIC = {"critic": "mmd"}
 _CRITIC_FIT_ROWS = 2000  # rows of each side the held-out critic trains on
 DEFAULT_CAPACITIES = {"mlp": (4, 8, 16, 32, 64, 128), "conv": (4, 8, 16, 32), "linear": ()}
 DEFAULT_LR = {"linear": 2e-2, "mlp": 2e-3, "conv": 2e-3}
+GENERATORS = ("auto", *FAMILIES)
+# --generator auto takes mlp up to this many parameters in its widest member: a dense map from
+# a 4x63x63 latent to 250x250 images has ~10^9, more than a sweep of 18 members can hold
+MLP_PARAMS_LIMIT = 10_000_000
+
+
+def choose_generator(
+    latent_shape: tuple[int, ...],
+    data_shape: tuple[int, ...],
+    capacities: tuple[int, ...] | None = None,
+    depth: int = 2,
+) -> tuple[str, str]:
+    """The family ``--generator auto`` measures with, and why: (family, reason).
+
+    mlp when its widest member has at most ``MLP_PARAMS_LIMIT`` parameters (every vector latent
+    and small images: the family the validity benchmark checked); conv when the dense map would
+    be larger and the latent is spatial (C×h×w to C'×H×W images), since a conv generator's size
+    does not grow with the image; mlp otherwise, whatever its size.
+    """
+    widest = max(capacities or DEFAULT_CAPACITIES["mlp"])
+    with torch.device("meta"):
+        g = make_generator("mlp", latent_shape, data_shape, widest, depth)
+    n = sum(p.numel() for p in g.parameters())
+    if n <= MLP_PARAMS_LIMIT:
+        return "mlp", f"mlp: {n:,} parameters at width {widest} (<= {MLP_PARAMS_LIMIT:,})"
+    why = f"an mlp would have {n:,} parameters at width {widest} (> {MLP_PARAMS_LIMIT:,})"
+    try:
+        upsampling_factor(latent_shape, data_shape)
+    except UsageError:
+        return "mlp", f"mlp: {why}, and the latent is not spatial, so conv does not apply"
+    return "conv", f"conv: {why}; the latent is spatial"
 
 
 @dataclass
 class MeasureConfig:
     """Every setting of a measurement; validated once by ``validate`` (UsageError on nonsense)."""
 
-    generator: str = "mlp"
+    generator: str = "auto"  # choose_generator: mlp unless too large for spatial latents
     capacities: tuple[int, ...] | None = None  # None: the family's default sweep
     depth: int = 2
     metric: str = "mmd"  # the validity benchmark's choice (benchmarks/results/validity.md)
@@ -92,8 +124,8 @@ class MeasureConfig:
         def bad(flag: str, value: Any, expected: str) -> UsageError:
             return UsageError(f"--{flag} {value}: expected {expected}")
 
-        if self.generator not in FAMILIES:
-            raise bad("generator", self.generator, "one of " + ", ".join(FAMILIES))
+        if self.generator not in GENERATORS:
+            raise bad("generator", self.generator, "one of " + ", ".join(GENERATORS))
         if self.metric not in METRICS:
             raise bad("metric", self.metric, "one of " + ", ".join(METRICS))
         if self.fit not in FITS:
@@ -101,7 +133,7 @@ class MeasureConfig:
         if self.generator == "linear":
             self.capacities = ()
         elif self.capacities is None:
-            self.capacities = DEFAULT_CAPACITIES[self.generator]
+            self.capacities = DEFAULT_CAPACITIES.get(self.generator)  # auto: after the shapes
         else:
             caps = tuple(int(c) for c in self.capacities)
             if not caps or any(c < 1 for c in caps):
@@ -117,9 +149,9 @@ class MeasureConfig:
                 raise bad(flag, value, f"an integer >= {low}")
         if self.n_eval is not None and self.n_eval < 2:
             raise bad("n-eval", self.n_eval, "an integer >= 2")
-        if self.lr is None:
+        if self.lr is None and self.generator != "auto":
             self.lr = DEFAULT_LR[self.generator]
-        if not (np.isfinite(self.lr) and self.lr > 0):
+        if self.lr is not None and not (np.isfinite(self.lr) and self.lr > 0):
             raise bad("lr", self.lr, "a positive number")
         if self.features not in (None, "identity", "learned"):
             import os
@@ -132,6 +164,18 @@ class MeasureConfig:
             raise bad("epsilon", self.epsilon, "a non-negative number")
         resolve_device(self.device)
         return self
+
+    def resolve_generator(self, latent_shape: tuple[int, ...], data_shape: tuple[int, ...]) -> str:
+        """Replace ``generator="auto"`` by ``choose_generator``'s family (with its default
+        capacities and lr unless given); returns the reason, as the report states it."""
+        if self.generator != "auto":
+            return f"{self.generator}: given"
+        self.generator, why = choose_generator(
+            latent_shape, data_shape, self.capacities, self.depth
+        )
+        self.capacities = self.capacities or DEFAULT_CAPACITIES[self.generator]
+        self.validate()
+        return why
 
 
 @dataclass
@@ -230,9 +274,8 @@ def measure(
     t_start = time.perf_counter()
     memory = _dist.Memory()
     memory.start()
-    cfg = config or MeasureConfig()
-    if settings:
-        cfg = MeasureConfig(**{**asdict(cfg), **settings})
+    # a copy: resolving defaults (auto generator, capacities, lr) never changes the caller's config
+    cfg = MeasureConfig(**{**asdict(config or MeasureConfig()), **settings})
     cfg.validate()
     is_integer = bool(getattr(latents, "is_integer", False))
     z_src = latents if _is_source(latents) else _as_tensor(latents, "latents")
@@ -244,6 +287,7 @@ def measure(
         raise UsageError(
             f"--fit paired needs one latent per data row: {n_z} latents vs {n_x} data rows"
         )
+    generator_choice = cfg.resolve_generator(latent_shape, data_shape)
     if cfg.generator == "conv":
         upsampling_factor(latent_shape, data_shape)  # raises a UsageError on impossible shapes
     n_rows = min(n_z, n_x)
@@ -285,8 +329,9 @@ def measure(
     )
     memory.stop("load")
     memory.start()
-    fitted = {
-        f: _dist.fit_sweep(  # _fit_sweep, its members split across torchrun's ranks
+    fitted: dict[str, dict[str, Any]] = {}
+    for f in sorted(fits, key=lambda f: f != "paired"):  # paired first: it starts the others
+        fitted[f] = _dist.fit_sweep(  # _fit_sweep, its members split across torchrun's ranks
             f,
             cfg,
             caps,
@@ -297,9 +342,8 @@ def measure(
             device,
             bandwidth,
             progress,
+            start=fitted.get("paired"),
         )
-        for f in fits
-    }
     t_fit = time.perf_counter() - t0
     memory.stop("fit")
 
@@ -403,6 +447,7 @@ def measure(
         "selection": SELECTION_MEANING if cfg.select else None,
         "kernel": kernel or None,
         "generator": cfg.generator,
+        "generator_choice": generator_choice,
         "depth": cfg.depth if cfg.generator != "linear" else None,
         "n_eval": n_eval,
         "seeds": seeds,
@@ -454,14 +499,17 @@ def _fit_sweep(
     device: torch.device,
     bandwidth: float,
     progress: bool,
+    start: dict[str, Any] | None = None,
     members: list[tuple[int | None, int]] | None = None,
 ) -> dict[str, Any]:
     """Fit one generator per (capacity, seed) with ``fit``, all members at once.
 
-    With selection on, MLP members start from the linear generator fitted first by the same fit
-    (its map in the skip path, the body's output zero): every capacity starts where G_linear's
-    best fit ended, which it contains. ``members``: only these (capacity, seed slot) pairs, in
-    capacity order (a rank's share under torchrun, see ``distributed``); default all.
+    Starting points, so that each fit begins at a bound already reached: with ``start`` (another
+    fit's sweep, the paired one), each member starts from that sweep's member of the same
+    capacity and seed; otherwise, with selection on, MLP members start from the linear generator
+    fitted first by the same fit (its map in the skip path, the body's output zero), which every
+    capacity contains. ``members``: only these (capacity, seed slot) pairs, in capacity order
+    (a rank's share under torchrun, see ``distributed``); default all.
     """
     sweep = [(c, i) for c in caps for i in range(len(seeds))]
     subset = None if members is None else (len(sweep), [sweep.index(m) for m in members])
@@ -488,7 +536,10 @@ def _fit_sweep(
         bucket_ratio=ratio,
     ).to(device)
     linear = None
-    if cfg.generator == "mlp" and cfg.select:
+    if start is not None:
+        for m, key in enumerate(members):  # the member of the same (capacity, seed slot)
+            ensemble.load_member(m, start["ensemble"].export(start["index"][key]))
+    elif cfg.generator == "mlp" and cfg.select:
         lin_slots = sorted(set(member_slot))  # batches are drawn for every slot regardless
         lin = GeneratorEnsemble(
             "linear",

@@ -331,6 +331,7 @@ def compare(
         }
 
     results, images = [], {}
+    generator_choice = None
     for s in specs:
         val, where = held[s.name]
         train_rows = np.setdiff1d(np.arange(n), val)
@@ -359,6 +360,8 @@ def compare(
             )
         recon = reconstruction_metrics(x_val, x_hat, data_range)
 
+        if cfg.generator == "auto":  # one family for every run, chosen on the first
+            generator_choice = cfg.resolve_generator(tuple(z.shape[1:]), shape)
         t0 = time.perf_counter()
         m = measure(
             z,
@@ -369,6 +372,8 @@ def compare(
             progress=progress,
         )
         t_measure = time.perf_counter() - t0
+        if generator_choice:
+            m.report["generator_choice"] = generator_choice + " (on the first run; same for all)"
         diagnostics = m.report.pop("diagnostics")
         diagnostics["decoder_robustness"] = diag.decoder_robustness(
             lambda zb, decoder=decoder: _decode(decoder, zb, dev, encode_batch_size),

@@ -354,7 +354,9 @@ class FeatureNet(nn.Module):
 
     Images (C, H, W): conv 3x3 (32) -> conv 3x3 stride 2 (64) -> conv 3x3 stride 2 (64) ->
     global average pool -> linear (``feat_dim``) -> ReLU. Vectors: MLP 256 -> ``feat_dim``.
-    ``head`` maps features to class logits (supervised) or back to the input (denoising AE).
+    ``head`` maps the trunk's output to class logits (supervised) or back to the input (denoising
+    AE). The features are the trunk's output standardised, (trunk(x) - shift) / scale, with the
+    buffers set after training from the training rows (``standardise``).
     """
 
     def __init__(self, sample_shape: tuple[int, ...], n_out: int, feat_dim: int = 64) -> None:
@@ -380,9 +382,23 @@ class FeatureNet(nn.Module):
                 nn.Flatten(), nn.Linear(d, 256), nn.ReLU(), nn.Linear(256, feat_dim), nn.ReLU()
             )
         self.head = nn.Linear(feat_dim, n_out)
+        self.register_buffer("shift", torch.zeros(feat_dim))
+        self.register_buffer("scale", torch.ones(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.trunk(x)
+        return (self.trunk(x) - self.shift) / self.scale
+
+    @torch.no_grad()
+    def standardise(self, x: torch.Tensor) -> None:
+        """shift = the mean feature on ``x``; scale = the root mean per-dimension variance.
+
+        One scale for all dimensions keeps the feature geometry (FD scales by 1/scale^2); it
+        fixes the size that training happened to give the features, which otherwise varies by
+        orders of magnitude between seeds and puts KID's cubic kernel out of range.
+        """
+        f = torch.cat([self.trunk(x[i : i + 512]) for i in range(0, len(x), 512)])
+        self.shift.copy_(f.mean(0))
+        self.scale.copy_(f.var(0).mean().sqrt().clamp_min(1e-12))
 
 
 def train_feature_net(
@@ -399,7 +415,8 @@ def train_feature_net(
     With labels (``source.labels``, as the built-ins carry): a classifier, cross-entropy on
     ``head(features)``; features are its penultimate layer (as Inception features are for FID).
     Without labels: a denoising autoencoder (Vincent et al. 2008): ``head`` reconstructs x from
-    x + ``noise`` * std(x) * N(0, I) through the features, squared error.
+    x + ``noise`` * std(x) * N(0, I) through the features, squared error. The features are then
+    standardised on (up to 5000 of) the training rows (``FeatureNet.standardise``).
     """
     labels = getattr(source, "labels", None)
     torch.manual_seed(seed)
@@ -419,14 +436,16 @@ def train_feature_net(
         idx = torch.randint(len(data), (min(batch_size, len(data)),), generator=gen)
         xb = data[idx]
         if labels is not None:
-            loss = nn.functional.cross_entropy(net.head(net(xb)), y[idx])
+            loss = nn.functional.cross_entropy(net.head(net.trunk(xb)), y[idx])
         else:
             noisy = xb + noise * std * torch.randn(xb.shape, generator=gen)
-            loss = nn.functional.mse_loss(net.head(net(noisy)), xb.flatten(1))
+            loss = nn.functional.mse_loss(net.head(net.trunk(noisy)), xb.flatten(1))
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return net.eval()
+    net.eval()
+    net.standardise(data[torch.randperm(len(data), generator=gen)[:5000]])
+    return net
 
 
 def load_feature_extractor(path: str | os.PathLike) -> nn.Module:

@@ -64,6 +64,9 @@ def format_table(report: dict[str, Any]) -> str:
         f"critical capacity (distance <= {crit['epsilon']:.4g}, {crit['epsilon_source']}): "
         f"{crit['capacity'] if crit['capacity'] is not None else 'none in the sweep'}",
     ]
+    choice = report.get("generator_choice", "")
+    if choice and not choice.endswith("given"):
+        lines.insert(1, f"generator auto -> {choice}")
     if report.get("selection"):
         lines.append(
             "distance = the best held-out bound chosen on validation rows; *_fit columns = each "
