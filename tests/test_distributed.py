@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -135,7 +136,9 @@ def test_a_failing_rank_stops_every_rank_with_its_error(images, tmp_path):
     assert f"{last.name}: unreadable or corrupt image" in errors[0]
     frames = [ln for ln in proc.stderr.splitlines() if ln.strip().startswith('File "')]
     assert not [f for f in frames if "latentdist" in f.split("site-packages")[-1]]  # none of ours
-    assert proc.stderr.count("exitcode  : 2") == 2  # both workers exited with status 2
+    # the workers exit with status 2; once one has, torchrun may stop the other (SIGTERM) first
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr)
+    assert "2" in codes and set(codes) <= {"2", "-15"}, codes
     assert not (tmp_path / "out").exists()
 
 
