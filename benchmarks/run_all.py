@@ -20,6 +20,7 @@ def main() -> None:
         ["bench_quality.py", *(["--small"] if small else [])],
         ["bench_validity.py", *(["--small"] if small else [])],
         ["bench_predictive.py", *(["--small"] if small else [])],
+        ["bench_scale.py", *(["--small"] if small else [])],
     ]
     failed = []
     for script, *args in jobs:

@@ -52,6 +52,11 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except (click.ClickException, UsageError) as e:
+        if getattr(e, "shared", False) and os.environ.get("RANK", "0") != "0":
+            sys.exit(2 if e.usage else 1)  # under torchrun, rank 0 prints a failure every rank saw
+        if not getattr(e, "usage", True):  # another rank's internal error
+            click.echo(f"latentdist: internal error: {e}", err=True)
+            sys.exit(1)
         message = e.format_message() if isinstance(e, click.ClickException) else str(e)
         click.echo(f"latentdist: error: {' '.join(message.split())}", err=True)
         sys.exit(2)

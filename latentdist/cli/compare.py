@@ -77,7 +77,25 @@ def compare(**o) -> None:
     flow of one fixed recipe, fitted, sampled and decoded; FD, KID, precision/recall/density/
     coverage, W2 against held-out data) and diffusability diagnostics (latent spectrum,
     equivariance, latent statistics, mode count, decoder robustness to latent noise).
+
+    Under torchrun (torchrun --nproc-per-node N -m latentdist compare ...) the measurement and
+    the encoding are split across the processes; rank 0 writes (docs/distributed.md).
     """
+    from latentdist.estimator import distributed
+
+    with distributed.session(o["device"]) as group:  # under torchrun: the process group
+        # a failure on any rank stops every rank with its message, before anything is written
+        result = distributed.check(lambda: _compare(o))
+        if group is not None and not group.is_main:
+            return  # rank 0 alone writes and prints
+    result.save(o["out"])
+    click.echo(result.to_json() if o["fmt"] == "json" else result.table())
+    if o["fmt"] == "table":
+        click.echo(f"wrote {o['out']}/compare.json, report.md and figures")
+
+
+def _compare(o: dict):
+    from latentdist.estimator import distributed
     from latentdist.evaluation.compare import RunSpec
     from latentdist.evaluation.compare import compare as run_compare
 
@@ -106,9 +124,6 @@ def compare(**o) -> None:
         encode_batch_size=o["encode_batch_size"],
         device=o["device"],
         trust_pickle=o["trust_pickle"],
-        progress=not o["quiet"],
+        progress=distributed.progress(o),
     )
-    result.save(o["out"])
-    click.echo(result.to_json() if o["fmt"] == "json" else result.table())
-    if o["fmt"] == "table":
-        click.echo(f"wrote {o['out']}/compare.json, report.md and figures")
+    return result

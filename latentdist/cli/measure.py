@@ -231,21 +231,18 @@ def measure(**o) -> None:
     Fits generators g in G_c from the latents to the data for every capacity and seed (all at once),
     evaluates the discrepancy on held-out rows beside the finite-sample floor, and reports
     intervals, the critical capacity, generator-complexity proxies and the latent's geometry.
-    """
-    from latentdist import measure as run_measure
-    from latentdist.data import load_data
 
-    if bool(o["encoder"]) == bool(o["latents"]):
-        raise UsageError("give exactly one of --encoder PATH or --latents PATH")
-    cfg = config_from_options(o)
-    data = load_data(o["data"], trust_pickle=o["trust_pickle"], image=image_options_of(o))
-    encoder_info: dict = {}
-    latents, codebook, encoder = load_latents(o, data, cfg.device, encoder_info)
-    result = run_measure(
-        latents, data, cfg, codebook=codebook, encoder=encoder, progress=not o["quiet"]
-    )
-    if encoder_info:
-        result.report["encoder"] = encoder_info
+    Under torchrun (torchrun --nproc-per-node N -m latentdist measure ...; several nodes with
+    torchrun's rendezvous flags) the members, the encoding and the evaluation are split across
+    the processes, with the single-process result; rank 0 writes (docs/distributed.md).
+    """
+    from latentdist.estimator import distributed
+
+    with distributed.session(o["device"]) as group:  # under torchrun: the process group
+        # a failure on any rank stops every rank with its message, before anything is written
+        result, encoder_info = distributed.check(lambda: _measure(o))
+        if group is not None and not group.is_main:
+            return  # rank 0 alone writes and prints
     if o["out"]:
         result.save(o["out"])
     click.echo(result.to_json() if o["fmt"] == "json" else result.table())
@@ -253,6 +250,37 @@ def measure(**o) -> None:
         click.echo(f"latent normalisation: {encoder_info['normalisation']}")
     if o["out"] and o["fmt"] == "table":
         click.echo(f"wrote {o['out']}/measure.json, curve.csv, curve.png")
+
+
+def _measure(o: dict):
+    """The measurement of ``measure``'s options: (result, encoder information)."""
+    import time
+
+    from latentdist import measure as run_measure
+    from latentdist.data import load_data
+    from latentdist.estimator import distributed
+
+    if bool(o["encoder"]) == bool(o["latents"]):
+        raise UsageError("give exactly one of --encoder PATH or --latents PATH")
+    cfg = config_from_options(o)
+    data = load_data(o["data"], trust_pickle=o["trust_pickle"], image=image_options_of(o))
+    encoder_info: dict = {}
+    memory, t0 = distributed.Memory(), time.perf_counter()
+    memory.start()
+    latents, codebook, encoder = load_latents(o, data, cfg.device, encoder_info)
+    t_encode = time.perf_counter() - t0
+    memory.stop("encode" if o["encoder"] else "latents")
+    result = run_measure(
+        latents, data, cfg, codebook=codebook, encoder=encoder, progress=distributed.progress(o)
+    )
+    report = result.report
+    if encoder_info:
+        report["encoder"] = encoder_info
+        report["timings"]["encode_s"] = t_encode
+    for phase, mb in memory.phases.items():
+        report["memory"]["phases_rss_mb"][phase] = mb
+        report["memory"]["peak_rss_mb"] = max(report["memory"]["peak_rss_mb"], mb)
+    return result, encoder_info
 
 
 def image_options_of(o: dict) -> ImageOptions:
@@ -269,6 +297,7 @@ def load_latents(o: dict, data, device: str, info: dict | None = None):
     from latentdist.data import load_data
     from latentdist.data.encoders import load_encoder
     from latentdist.device import resolve_device
+    from latentdist.estimator import distributed
 
     codebook = None
     if o.get("codebook"):
@@ -293,7 +322,8 @@ def load_latents(o: dict, data, device: str, info: dict | None = None):
     )
     if info is not None:
         info.update(path=str(o["encoder"]), format=enc.format, normalisation=enc.normalisation)
-    latents = enc.encode(
+    latents = distributed.encode(  # under torchrun: row shards across ranks, gathered
+        enc,
         data,
         batch_size=o.get("encode_batch_size", 256),
         device=dev,

@@ -34,8 +34,9 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def setup(device_type: str) -> DistInfo:
-    """Join the process group when launched by torchrun with ``WORLD_SIZE > 1``."""
+def setup(device_type: str, timeout=None) -> DistInfo:
+    """Join the process group when launched by torchrun with ``WORLD_SIZE > 1``; ``timeout``
+    (a ``datetime.timedelta``) bounds each collective's wait, default torch's."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -54,7 +55,9 @@ def setup(device_type: str) -> DistInfo:
         if device_type == "cuda":
             torch.cuda.set_device(local)
         dist.init_process_group(
-            backend="nccl" if device_type == "cuda" else "gloo", init_method="env://"
+            backend="nccl" if device_type == "cuda" else "gloo",
+            init_method="env://",
+            **({"timeout": timeout} if timeout is not None else {}),
         )
         created = True
     return DistInfo(dist.get_rank(), dist.get_world_size(), local, created)

@@ -194,7 +194,7 @@ def minibatch_mmd_loss(
 class CriticEnsemble(nn.Module):
     """One MLP critic per member (leaky-ReLU, two hidden layers), vectorised like the generators."""
 
-    def __init__(self, in_dim: int, width: int, n: int, seed: int = 0):
+    def __init__(self, in_dim: int, width: int, n: int, seed: int = 0, keep=None):
         super().__init__()
         torch.manual_seed(seed + 12345)
         critics = [
@@ -208,6 +208,8 @@ class CriticEnsemble(nn.Module):
             )
             for _ in range(n)
         ]
+        if keep is not None:  # a subset of a sweep's critics, initialised as in the whole sweep
+            critics = [critics[i] for i in keep]
         stacked, _ = stack_module_state(critics)
         self.names = list(stacked)
         self.weights = nn.ParameterList(
@@ -223,10 +225,17 @@ class CriticEnsemble(nn.Module):
 
 
 def _critic_loss(
-    critic: CriticEnsemble, fake: torch.Tensor, real: torch.Tensor, gp: float
+    critic: CriticEnsemble, fake: torch.Tensor, real: torch.Tensor, gp: float, subset=None
 ) -> torch.Tensor:
-    """WGAN-GP critic loss per member: E f(fake) - E f(real) + gp * E (|grad f(x_hat)| - 1)^2."""
-    t = torch.rand(real.shape[0], real.shape[1], *([1] * (real.dim() - 2)), device=real.device)
+    """WGAN-GP critic loss per member: E f(fake) - E f(real) + gp * E (|grad f(x_hat)| - 1)^2.
+
+    ``subset`` (members in the whole sweep, positions of these members): the interpolation
+    weights are drawn for the whole sweep and these members' rows kept, so that a member's
+    draws do not depend on which members share its ensemble (a rank's share under torchrun).
+    """
+    n, keep = subset if subset is not None else (real.shape[0], None)
+    t = torch.rand(n, real.shape[1], *([1] * (real.dim() - 2)), device=real.device)
+    t = t if keep is None else t[keep]
     x_hat = (t * real + (1 - t) * fake).requires_grad_(True)
     (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)
     penalty = (grad.flatten(2).norm(dim=-1) - 1).square().mean(-1)
@@ -244,6 +253,7 @@ def fit_ensemble(
     *,
     seed: int = 0,
     progress: bool = True,
+    subset: tuple[int, Sequence[int]] | None = None,
 ) -> dict[str, list[float]]:
     """Fit every member of ``ensemble`` in one loop; returns per-member final losses.
 
@@ -251,6 +261,8 @@ def fit_ensemble(
     the row indices that seed slot ``s`` may train on; member ``m`` uses slot ``slot[m]``. Each
     step draws, per slot, a batch of latents and an (independent, for ot/adversarial) batch of
     data; members of one slot share it, so capacities are compared on common random numbers.
+    ``subset`` = (members of the whole sweep, positions of this ensemble's members in it): the
+    adversarial fit's critics and random draws are then those of the whole sweep's members.
     """
     device = latents.device
     n_members = len(ensemble.members)
@@ -264,7 +276,11 @@ def fit_ensemble(
     critic = critic_opt = None
     if adversarial:
         critic = CriticEnsemble(
-            int(np.prod(data.shape[1:])), settings.critic_width, n_members, seed
+            int(np.prod(data.shape[1:])),
+            settings.critic_width,
+            n_members if subset is None else subset[0],
+            seed,
+            keep=None if subset is None else list(subset[1]),
         ).to(device)
         critic_opt = torch.optim.Adam(critic.parameters(), lr=1e-4, betas=(0.5, 0.9))
 
@@ -289,7 +305,7 @@ def fit_ensemble(
                 with torch.no_grad():
                     fake = ensemble(z)
                 critic_opt.zero_grad(set_to_none=True)
-                _critic_loss(critic, fake, x, settings.gradient_penalty).sum().backward()
+                _critic_loss(critic, fake, x, settings.gradient_penalty, subset).sum().backward()
                 critic_opt.step()
                 x = data[draw(train_x)][slot_t]
                 z = latents[draw(train_z)][slot_t]

@@ -27,10 +27,16 @@ from latentdist.discrepancy import METRICS as _ALL_METRICS
 from latentdist.discrepancy import NEEDS_FIT, median_bandwidth
 from latentdist.discrepancy.judge import Judge
 from latentdist.errors import UsageError
+from latentdist.estimator import distributed as _dist
+from latentdist.estimator import streaming as _streaming
 from latentdist.estimator.fit import DISTRIBUTIONAL, FITS, FitSettings, fit_ensemble
 from latentdist.estimator.split import default_n_eval, default_n_val, make_split
 from latentdist.estimator.stats import mean_ci
-from latentdist.generators.ensemble import GeneratorEnsemble, default_bucket_ratio
+from latentdist.generators.ensemble import (
+    GeneratorEnsemble,
+    _member_seed,
+    default_bucket_ratio,
+)
 from latentdist.generators.modules import (
     FAMILIES,
     embed_generator,
@@ -266,6 +272,8 @@ def measure(
     """
 
     t_start = time.perf_counter()
+    memory = _dist.Memory()
+    memory.start()
     # a copy: resolving defaults (auto generator, capacities, lr) never changes the caller's config
     cfg = MeasureConfig(**{**asdict(config or MeasureConfig()), **settings})
     cfg.validate()
@@ -301,7 +309,8 @@ def measure(
             torch.cat([getattr(sp, f) for sp in splits for f in z_fields + x_fields])
         )
     z_all = _gather(z_src, splits, z_fields, shared)
-    x_all = _gather(x_src, splits, x_fields, shared)
+    # the data rows in memory, or read on demand when they would not fit (streaming.py)
+    x_all = _streaming.gather(x_src, splits, x_fields, shared, _gather, _is_source(x_src))
 
     # --- fit every (capacity, seed) at once, once per fit (the paired bound beside a
     # distributional fit when rows correspond and selection is on)
@@ -318,9 +327,11 @@ def measure(
         [sp.train_z.to(device) for sp in splits],
         [sp.train_x.to(device) for sp in splits],
     )
+    memory.stop("load")
+    memory.start()
     fitted: dict[str, dict[str, Any]] = {}
     for f in sorted(fits, key=lambda f: f != "paired"):  # paired first: it starts the others
-        fitted[f] = _fit_sweep(
+        fitted[f] = _dist.fit_sweep(  # _fit_sweep, its members split across torchrun's ranks
             f,
             cfg,
             caps,
@@ -334,30 +345,17 @@ def measure(
             start=fitted.get("paired"),
         )
     t_fit = time.perf_counter() - t0
+    memory.stop("fit")
 
     # --- held-out evaluation, the floor, and the choice among candidates on validation rows
+    # (_judges and _evaluate per seed, the seeds split across torchrun's ranks)
     t0 = time.perf_counter()
-    judges, floors, val_judges = [], [], []
-    for s, sp in zip(seeds, splits, strict=True):
-        judge, floor_value, val_judge = _judges(cfg, sp, x_all, data_shape, s)
-        judges.append(judge)
-        floors.append(floor_value)
-        val_judges.append(val_judge)
-    curve_data = _evaluate(
-        cfg,
-        caps,
-        seeds,
-        splits,
-        z_all,
-        x_all,
-        fitted,
-        judges,
-        val_judges,
-        latent_shape,
-        data_shape,
-        progress,
+    memory.start()
+    kernel, floors, curve_data, eval_seeds = _dist.evaluate(
+        cfg, caps, seeds, splits, z_all, x_all, fitted, latent_shape, data_shape, progress
     )
     t_eval = time.perf_counter() - t0
+    memory.stop("evaluate")
 
     floor = mean_ci(floors)
     epsilon = cfg.epsilon
@@ -366,8 +364,22 @@ def measure(
 
     # --- proxies on the chosen generators, geometry of the latent
     t0 = time.perf_counter()
+    memory.start()
     curve = []
     generators: dict[int | None, list[torch.nn.Module]] = {}
+    per_member = {}
+    if cfg.proxies:  # one (capacity, seed) each, split across torchrun's ranks
+        from latentdist.proxies import generator_proxies
+
+        items = [(c, i) for c in caps for i in range(len(seeds))]
+        values = _dist.map_items(
+            lambda m: generator_proxies(
+                curve_data[m[0]]["generators"][m[1]], z_all[splits[m[1]].eval_z], latent_shape
+            ),
+            items,
+            [curve_data[c]["params"] for c, _ in items],
+        )
+        per_member = dict(zip(items, values, strict=True))
     for cap in tqdm(caps, desc="proxies", disable=not (progress and cfg.proxies), leave=False):
         info = curve_data[cap]
         generators[cap] = info["generators"]
@@ -382,11 +394,12 @@ def measure(
         if info["recon"]:
             entry["recon_rmse"] = mean_ci(info["recon"])
         if cfg.proxies:
-            entry["proxies"] = _proxies(info["generators"], z_all, splits, latent_shape)
+            entry["proxies"] = _proxies([per_member[(cap, i)] for i in range(len(seeds))])
         else:
             entry["proxies"] = {"params": entry["params"]}
         curve.append(entry)
     t_proxies = time.perf_counter() - t0
+    memory.stop("proxies")
     rises = _monotonicity_warnings(curve)
     undetermined = _undetermined(curve, floor)
     for e in curve:
@@ -408,8 +421,23 @@ def measure(
     ):
         critical = 0
     t0 = time.perf_counter()
-    latent_info = _geometry(z_all, codebook, is_integer, cfg.seed)
+    memory.start()
+    latent_info, diagnostics = _dist.on_main(  # rank 0's, under torchrun
+        lambda: (
+            _geometry(z_all, codebook, is_integer, cfg.seed),
+            _diagnostics(z_all, _streaming.head(x_all), encoder, is_integer, cfg.seed),
+        )
+    )
     t_geometry = time.perf_counter() - t0
+    memory.stop("geometry")
+    group = _dist.current()
+    timings = {
+        "fit_s": t_fit,
+        "eval_s": t_eval,
+        "proxies_s": t_proxies,
+        "geometry_s": t_geometry,
+        "total_s": time.perf_counter() - t_start,
+    }
 
     report = {
         "metric": cfg.metric,
@@ -417,7 +445,7 @@ def measure(
         "fit_meaning": FIT_MEANING[cfg.fit],
         "fits": fits,
         "selection": SELECTION_MEANING if cfg.select else None,
-        "kernel": judges[0].kernel or None,
+        "kernel": kernel or None,
         "generator": cfg.generator,
         "generator_choice": generator_choice,
         "depth": cfg.depth if cfg.generator != "linear" else None,
@@ -433,8 +461,13 @@ def measure(
         "monotone": not rises,
         "warnings": warnings,
         "latent": latent_info,
-        "diagnostics": _diagnostics(z_all, x_all, encoder, is_integer, cfg.seed),
-        "data": {"shape": list(data_shape), "rows": n_x, "rows_loaded": len(x_all)},
+        "diagnostics": diagnostics,
+        "data": {
+            "shape": list(data_shape),
+            "rows": n_x,
+            "rows_loaded": len(x_all),
+            "streamed": _streaming.is_lazy(x_all),
+        },
         "fit_diagnostics": {
             "final_loss": {f: fitted[f]["final_loss"] for f in fits},
             "train_rows": len(splits[0].train_x),
@@ -443,12 +476,12 @@ def measure(
         "config": {**asdict(cfg), "capacities": list(cfg.capacities), "n_eval": n_eval},
         "device": str(device),
         "versions": _versions(),
-        "timings": {
-            "fit_s": t_fit,
-            "eval_s": t_eval,
-            "proxies_s": t_proxies,
-            "geometry_s": t_geometry,
-            "total_s": time.perf_counter() - t_start,
+        "timings": timings,
+        "memory": _dist.memory_report(memory, timings),
+        "distributed": {
+            **_dist.describe(group),
+            "fitted": {f: fitted[f].get("plan") for f in fits} if group else None,
+            "evaluated_seeds": eval_seeds if group else None,
         },
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -467,6 +500,7 @@ def _fit_sweep(
     bandwidth: float,
     progress: bool,
     start: dict[str, Any] | None = None,
+    members: list[tuple[int | None, int]] | None = None,
 ) -> dict[str, Any]:
     """Fit one generator per (capacity, seed) with ``fit``, all members at once.
 
@@ -474,10 +508,14 @@ def _fit_sweep(
     fit's sweep, the paired one), each member starts from that sweep's member of the same
     capacity and seed; otherwise, with selection on, MLP members start from the linear generator
     fitted first by the same fit (its map in the skip path, the body's output zero), which every
-    capacity contains.
+    capacity contains. ``members``: only these (capacity, seed slot) pairs, in capacity order
+    (a rank's share under torchrun, see ``distributed``); default all.
     """
-    member_caps = [c for c in caps for _ in seeds]
-    member_slot = [i for _ in caps for i in range(len(seeds))]
+    sweep = [(c, i) for c in caps for i in range(len(seeds))]
+    subset = None if members is None else (len(sweep), [sweep.index(m) for m in members])
+    members = sweep if members is None else members
+    member_caps = [c for c, _ in members]
+    member_slot = [i for _, i in members]
     z_dev, x_dev, train_z, train_x = rows  # all rows and each seed's fitting rows, on device
     settings = FitSettings(
         fit=fit,
@@ -499,11 +537,17 @@ def _fit_sweep(
     ).to(device)
     linear = None
     if start is not None:
-        for m in range(len(member_caps)):
-            ensemble.load_member(m, start["ensemble"].export(m))
+        for m, key in enumerate(members):  # the member of the same (capacity, seed slot)
+            ensemble.load_member(m, start["ensemble"].export(start["index"][key]))
     elif cfg.generator == "mlp" and cfg.select:
+        lin_slots = sorted(set(member_slot))  # batches are drawn for every slot regardless
         lin = GeneratorEnsemble(
-            "linear", latent_shape, data_shape, [None] * len(seeds), seeds, bucket_ratio=ratio
+            "linear",
+            latent_shape,
+            data_shape,
+            [None] * len(lin_slots),
+            [seeds[i] for i in lin_slots],
+            bucket_ratio=ratio,
         ).to(device)
         lin_settings = FitSettings(**{**asdict(settings), "lr": DEFAULT_LR["linear"]})
         fit_ensemble(
@@ -512,12 +556,15 @@ def _fit_sweep(
             x_dev,
             train_z,
             train_x,
-            list(range(len(seeds))),
+            lin_slots,
             lin_settings,
             seed=cfg.seed,
             progress=progress,
+            subset=None if subset is None else (len(seeds), lin_slots),
         )
-        linear = [lin.export(i) for i in range(len(seeds))]
+        linear = [None] * len(seeds)
+        for k, i in enumerate(lin_slots):
+            linear[i] = lin.export(k)
         for m, slot in enumerate(member_slot):
             ensemble.load_member(m, embed_linear(linear[slot], ensemble.export(m)))
     info = fit_ensemble(
@@ -530,6 +577,7 @@ def _fit_sweep(
         settings,
         seed=cfg.seed,
         progress=progress,
+        subset=subset,
     )
     index = {(c, slot): m for m, (c, slot) in enumerate(zip(member_caps, member_slot, strict=True))}
     return {"ensemble": ensemble, "index": index, "linear": linear, **info}
@@ -553,10 +601,12 @@ def _features_for(cfg: MeasureConfig, train: torch.Tensor, data_shape, seed: int
 
 def _judges(cfg: MeasureConfig, sp, x_all: torch.Tensor, data_shape, seed: int):
     """(evaluation judge, floor value, validation judge) of one seed's split."""
-    train = x_all[sp.train_x]
-    features = _features_for(cfg, train, data_shape, seed) if cfg.metric in ("fd", "kid") else None
-    half = min(_CRITIC_FIT_ROWS, len(train) // 2)
+    features = None
+    if cfg.metric in ("fd", "kid"):
+        features = _features_for(cfg, x_all[sp.train_x], data_shape, seed)
+    half = min(_CRITIC_FIT_ROWS, len(sp.train_x) // 2)
     needs_fit = cfg.metric in NEEDS_FIT
+    train = x_all[sp.train_x[: 2 * half]] if needs_fit else None  # only the rows it needs
     judge = Judge(
         cfg.metric,
         x_all[sp.eval_x],
@@ -647,8 +697,14 @@ def _evaluate(
             cands = [(f"{f}@{tag}", g, rec["by_fit"][f][-1], None) for f, g in own.items()]
             if cap is not None:
 
-                def fresh(cap: int = cap) -> torch.nn.Module:
-                    return make_generator(cfg.generator, latent_shape, data_shape, cap, cfg.depth)
+                def fresh(cap: int = cap, seed: int = seeds[slot]) -> torch.nn.Module:
+                    # the new units' initialisation, fixed by (seed, capacity) rather than by
+                    # the global random stream: the same whatever ran before (e.g. under torchrun)
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(_member_seed(seed, cap))
+                        return make_generator(
+                            cfg.generator, latent_shape, data_shape, cap, cfg.depth
+                        )
 
                 if chosen_prev[slot] is not None:  # same function, so its values carry over
                     label, g_prev, d_prev, v_prev = chosen_prev[slot]
@@ -688,14 +744,9 @@ def _undetermined(curve: list[dict], floor: dict) -> set:
     }
 
 
-def _proxies(gens: list[torch.nn.Module], z_all: torch.Tensor, splits, latent_shape) -> dict:
-    """Proxies of each seed's generator at one capacity: mean over seeds, with the range."""
-    from latentdist.proxies import generator_proxies
-
-    per_seed = [
-        generator_proxies(g, z_all[sp.eval_z], latent_shape)
-        for g, sp in zip(gens, splits, strict=True)
-    ]
+def _proxies(per_seed: list[dict]) -> dict:
+    """Proxies of each seed's generator at one capacity (``generator_proxies`` on its evaluation
+    latents): mean over seeds, with the range."""
     keys = [k for k, v in per_seed[0].items() if isinstance(v, (int, float))]
     out: dict[str, Any] = {k: float(np.mean([p[k] for p in per_seed])) for k in keys}
     out["params"] = int(per_seed[0]["params"])

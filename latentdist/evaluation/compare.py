@@ -264,6 +264,7 @@ def compare(
     from latentdist.data import DataSource, load_data
     from latentdist.data.encoders import load_encoder
     from latentdist.device import resolve_device
+    from latentdist.estimator import distributed
     from latentdist.evaluation import generation as gen
     from latentdist.proxies import diagnostics as diag
 
@@ -305,8 +306,10 @@ def compare(
         features_info = {"kind": "user", "path": str(features)}
     else:
         train_rows = np.flatnonzero(~in_any_val) if (~in_any_val).any() else np.arange(n)
-        extractor = gen.train_feature_net(
-            _subset(src, train_rows), steps=feature_steps, seed=cfg.seed
+        extractor = distributed.on_main(  # under torchrun: rank 0's, sent to every rank
+            lambda: gen.train_feature_net(
+                _subset(src, train_rows), steps=feature_steps, seed=cfg.seed
+            )
         )
         supervised = getattr(src, "labels", None) is not None
         features_info = {
@@ -333,8 +336,8 @@ def compare(
         val, where = held[s.name]
         train_rows = np.setdiff1d(np.arange(n), val)
         enc = load_encoder(s.encoder, trust_pickle=trust_pickle, device=dev)
-        z = enc.encode(
-            src, batch_size=encode_batch_size, device=dev, progress=progress, seed=cfg.seed
+        z = distributed.encode(  # under torchrun: row shards across ranks, gathered
+            enc, src, batch_size=encode_batch_size, device=dev, progress=progress, seed=cfg.seed
         )
         try:
             decoder = torch.jit.load(str(s.decoder), map_location=dev).eval()
@@ -389,7 +392,9 @@ def compare(
         t0 = time.perf_counter()
         if vq:
             sampler = _code_sampler(z_train, enc.codebook)
-            generation, fakes = _score_prior(sampler, x_val, seeds, n_gen, **scoring)
+            generation, fakes = distributed.on_main(
+                _score_prior, sampler, x_val, seeds, n_gen, **scoring
+            )
         else:
 
             def gmm(seed: int, n: int, z_train=z_train) -> torch.Tensor:
@@ -398,7 +403,9 @@ def compare(
                 ).fit(z_train)
                 return torch.as_tensor(prior.sample(n, seed=seed)).float()
 
-            generation, fakes = _score_prior(gmm, x_val, seeds, n_gen, **scoring)
+            generation, fakes = distributed.on_main(
+                _score_prior, gmm, x_val, seeds, n_gen, **scoring
+            )
         generation["prior"] = "codes (autoregressive)" if vq else "gaussian mixture"
         t_generation = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -413,7 +420,9 @@ def compare(
                 def flow(seed: int, n: int, z_train=z_train) -> torch.Tensor:
                     return FlowPrior(recipe).fit(z_train, seed=seed).sample(n, seed=seed)
 
-                probe, probe_fakes = _score_prior(flow, x_val, seeds, n_gen, **scoring)
+                probe, probe_fakes = distributed.on_main(
+                    _score_prior, flow, x_val, seeds, n_gen, **scoring
+                )
                 probe["model"] = "rectified flow"
         t_probe = time.perf_counter() - t0
         if probe is not None:
