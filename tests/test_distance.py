@@ -45,6 +45,15 @@ def test_unbiased_floor_interval_covers_zero(digits_halves, metric):
     assert lo <= 0.0 <= hi, r["floor"]
 
 
+def test_samples_that_repeat_the_reference_are_flagged_not_ranked(digits_halves):
+    """Samples = the reference itself: the unbiased MMD scores them below fresh data (they share
+    the evaluation rows), and the report says why instead of blaming the metric's bias."""
+    _, ref = digits_halves
+    r = sample_distance(ref, ref, metric="mmd", n_eval=250, seeds=3).report
+    assert r["verdict"] == "below", (r["distance"], r["floor"])
+    assert len(r["warnings"]) == 1 and "repeat rows of the reference" in r["warnings"][0]
+
+
 @pytest.mark.parametrize("metric", ["mmd", "sliced", "w2"])
 def test_disjoint_real_rows_score_like_the_floor(digits_halves, metric):
     """Samples that are real rows disjoint from the reference are fresh data: the distance's

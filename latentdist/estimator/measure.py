@@ -804,6 +804,15 @@ def _below_floor_warnings(
         return []
     names = ", ".join("linear" if c is None else str(c) for c in below)
     which = f"capacities {names} score" if len(below) > 1 else f"capacity {names} scores"
+    from latentdist.discrepancy import UNBIASED
+
+    if metric in UNBIASED:
+        return [
+            f"{which} below the floor ({floor['mean']:.4g}) beyond both intervals, which the "
+            f"unbiased {metric} gives no generator in expectation: these capacities are "
+            "undetermined (chance at this n_eval, or latents that repeat held-out data rows), "
+            "not a ranking"
+        ]
     return [
         f"{which} below the floor ({floor['mean']:.4g}) beyond both intervals: "
         f"at n_eval {n_eval} in {int(np.prod(data_shape))} dimensions, {metric} rewards samples "

@@ -166,11 +166,30 @@ class DistanceResult:
         return path
 
 
+def _below_floor_warning(metric: str, n_eval: int, dim: int) -> str:
+    """Why samples can score below fresh data: a biased metric's reward for huddling near the
+    data's bulk, or, for an unbiased one (nothing scores below the truth in expectation), samples
+    that repeat the reference's own rows."""
+    from latentdist.discrepancy import UNBIASED
+
+    if metric in UNBIASED:
+        return (
+            f"the samples score below the floor beyond both intervals, which {metric} (unbiased) "
+            "gives nothing in expectation: the samples most likely repeat rows of the reference "
+            "(copied or memorised data), or n_eval is too small for the intervals"
+        )
+    return (
+        f"the samples score below the floor beyond both intervals: at n_eval {n_eval} in {dim} "
+        f"dimensions {metric} rewards samples concentrated near the bulk of the data over fresh "
+        "data; use an unbiased metric (mmd, kid, critic)"
+    )
+
+
 _VERDICT_TEXT = {
     "above": "above the floor beyond both 95% intervals (the samples are distinguishable)",
     "within": "within the floor's range (not distinguishable from fresh reference data)",
-    "below": "below the floor beyond both intervals: this metric rewards something fresh data "
-    "lacks at this size (typical of W1/W2 in high dimension); it does not rank these samples",
+    "below": "below the floor beyond both intervals: no sample set beats fresh data in the "
+    "population, so this is a failure of the estimate at this size, not a ranking (see the warning)",
     "one seed": "one seed: no interval to judge by",
 }
 
@@ -431,12 +450,7 @@ def sample_distances(
         verdict = _verdict(distance, floor)
         warnings = []
         if verdict == "below":
-            warnings.append(
-                f"the samples score below the floor beyond both intervals: at n_eval {n_eval} "
-                f"in {math.prod(ref_info['shape'])} dimensions {metric} rewards samples "
-                "concentrated near the bulk of the data over fresh data; use an unbiased metric "
-                "(mmd, kid, critic)"
-            )
+            warnings.append(_below_floor_warning(metric, n_eval, math.prod(ref_info["shape"])))
         report = {
             "metric": metric,
             "metric_kwargs": dict(kwargs),
