@@ -38,6 +38,7 @@ __all__ = [
     "MMD_SCALES",
     "NEEDS_FIT",
     "UNBIASED",
+    "below_floor_cause",
     "critic",
     "default_blur",
     "discrepancy",
@@ -336,6 +337,26 @@ METRICS: dict[str, Callable[..., float]] = {
 }
 NEEDS_FIT = frozenset({"critic"})  # trained on rows disjoint from the scored ones
 UNBIASED = frozenset({"mmd", "kid", "critic"})  # two samples of one distribution score 0 on average
+
+
+def below_floor_cause(metric: str, n_eval: int, dim: int) -> str:
+    """Why a sample scores below fresh data beyond both intervals, for a warning.
+
+    No distribution beats the data's own in the population. A biased estimate (empirical W1/W2,
+    Sinkhorn, sliced, FD) at ``n_eval`` points in ``dim`` dimensions rewards samples huddled near
+    the data's bulk (Stanczuk et al. 2021); an unbiased one (``UNBIASED``) does not in
+    expectation, so there the samples repeat the reference's rows, or the intervals are noise.
+    """
+    if metric in UNBIASED:
+        return (
+            f"{metric} is unbiased, so nothing scores below the truth in expectation: the samples "
+            "most likely repeat rows of the reference (copied or memorised data), or n_eval is "
+            "too small for the intervals"
+        )
+    return (
+        f"at n_eval {n_eval} in {dim} dimensions {metric} rewards samples concentrated near the "
+        f"bulk of the data over fresh data; use an unbiased metric ({', '.join(sorted(UNBIASED))})"
+    )
 
 
 def discrepancy(name: str, x: Array, y: Array, **kwargs: Any) -> float:

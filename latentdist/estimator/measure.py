@@ -24,7 +24,7 @@ import torch
 from latentdist._progress import progress_bar as tqdm
 from latentdist.device import resolve_device
 from latentdist.discrepancy import METRICS as _ALL_METRICS
-from latentdist.discrepancy import NEEDS_FIT, median_bandwidth
+from latentdist.discrepancy import NEEDS_FIT, below_floor_cause, median_bandwidth
 from latentdist.discrepancy.judge import Judge
 from latentdist.errors import UsageError
 from latentdist.estimator import distributed as _dist
@@ -791,12 +791,9 @@ def _monotonicity_warnings(curve: list[dict]) -> list[str]:
 def _below_floor_warnings(
     curve: list[dict], floor: dict, metric: str, n_eval: int, data_shape: tuple[int, ...]
 ) -> list[str]:
-    """Flag capacities that score below the floor beyond both intervals.
-
-    No generator beats fresh data from P_x in the population; below the floor, the empirical
-    discrepancy is rewarding samples that huddle near the data's bulk, a finite-sample effect of
-    high dimension (strongest for w1/w2), so the curve there does not rank capacities.
-    """
+    """Flag capacities that score below the floor beyond both intervals: no generator beats
+    fresh data from P_x in the population, so these are undetermined, not a ranking
+    (``below_floor_cause`` says why such values arise)."""
     if not floor["ci"]:  # one seed: no interval to judge by
         return []
     below = sorted(_undetermined(curve, floor), key=lambda c: -1 if c is None else c)
@@ -804,21 +801,10 @@ def _below_floor_warnings(
         return []
     names = ", ".join("linear" if c is None else str(c) for c in below)
     which = f"capacities {names} score" if len(below) > 1 else f"capacity {names} scores"
-    from latentdist.discrepancy import UNBIASED
-
-    if metric in UNBIASED:
-        return [
-            f"{which} below the floor ({floor['mean']:.4g}) beyond both intervals, which the "
-            f"unbiased {metric} gives no generator in expectation: these capacities are "
-            "undetermined (chance at this n_eval, or latents that repeat held-out data rows), "
-            "not a ranking"
-        ]
+    cause = below_floor_cause(metric, n_eval, int(np.prod(data_shape)))
     return [
-        f"{which} below the floor ({floor['mean']:.4g}) beyond both intervals: "
-        f"at n_eval {n_eval} in {int(np.prod(data_shape))} dimensions, {metric} rewards samples "
-        "concentrated near the bulk of the data over fresh data, so these values do not rank "
-        "capacities (--metric mmd is unbiased: in expectation nothing scores below the true "
-        "distribution, whose floor is 0)"
+        f"{which} below the floor ({floor['mean']:.4g}) beyond both intervals, so they are "
+        f"undetermined, not a ranking: {cause}"
     ]
 
 

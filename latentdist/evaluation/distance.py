@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from latentdist.discrepancy import below_floor_cause
 from latentdist.errors import UsageError
 from latentdist.estimator.stats import mean_ci
 
@@ -164,25 +165,6 @@ class DistanceResult:
         path = Path(out_dir) / "distance.json"
         save_json(path, self.report)
         return path
-
-
-def _below_floor_warning(metric: str, n_eval: int, dim: int) -> str:
-    """Why samples can score below fresh data: a biased metric's reward for huddling near the
-    data's bulk, or, for an unbiased one (nothing scores below the truth in expectation), samples
-    that repeat the reference's own rows."""
-    from latentdist.discrepancy import UNBIASED
-
-    if metric in UNBIASED:
-        return (
-            f"the samples score below the floor beyond both intervals, which {metric} (unbiased) "
-            "gives nothing in expectation: the samples most likely repeat rows of the reference "
-            "(copied or memorised data), or n_eval is too small for the intervals"
-        )
-    return (
-        f"the samples score below the floor beyond both intervals: at n_eval {n_eval} in {dim} "
-        f"dimensions {metric} rewards samples concentrated near the bulk of the data over fresh "
-        "data; use an unbiased metric (mmd, kid, critic)"
-    )
 
 
 _VERDICT_TEXT = {
@@ -450,7 +432,8 @@ def sample_distances(
         verdict = _verdict(distance, floor)
         warnings = []
         if verdict == "below":
-            warnings.append(_below_floor_warning(metric, n_eval, math.prod(ref_info["shape"])))
+            cause = below_floor_cause(metric, n_eval, math.prod(ref_info["shape"]))
+            warnings.append(f"the samples score below the floor beyond both intervals: {cause}")
         report = {
             "metric": metric,
             "metric_kwargs": dict(kwargs),
