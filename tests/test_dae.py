@@ -21,6 +21,7 @@ from latentdist.dae.losses import PerceptualLoss, adaptive_weight, hinge_d_loss
 from latentdist.dae.models import count_params
 from latentdist.dae.train import BatchStream
 from latentdist.data import load_data
+from tests._cli import launch_failure, torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(
@@ -237,12 +238,8 @@ def test_two_process_ddp_matches_single_process(tmp_path):
         "--device",  # gloo on CPU; NCCL needs one GPU per process
         "cpu",
     ]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "latentdist.dae", *flags, "--out", str(tmp_path / "ddp")]  # fmt: skip
-    r = subprocess.run(
-        cmd, env={**_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = torchrun(["latentdist.dae", *flags, "--out", str(tmp_path / "ddp")], env=_env())
+    assert r.returncode == 0, launch_failure(r.stderr)
     single = train(
         tiny(
             tmp_path / "one",

@@ -8,10 +8,8 @@ process with the same number of threads (one), which is what makes the arithmeti
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,7 +22,8 @@ from latentdist.estimator.distributed import (
     split_contiguous,
 )
 from latentdist.estimator.measure import MeasureConfig
-from tests._cli import run_cli
+from tests._cli import launch_failure, run_cli
+from tests._cli import torchrun as _torchrun
 
 N_IMAGES = 128
 ENCODE_BATCH = 16
@@ -58,16 +57,7 @@ FLAGS = [
 
 
 def torchrun(args: list[str], cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    return subprocess.run(
-        [*cmd, "-m", "latentdist", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    return _torchrun(["latentdist", *args], cwd=cwd, timeout=240)
 
 
 def _strip(report: dict) -> dict:
@@ -84,7 +74,7 @@ def test_two_gloo_processes_equal_one_process(images, capsys):
     code, _, err = run_cli([*args, *FLAGS, "--out", str(root / "one")], capsys)
     assert code == 0, err
     proc = torchrun([*args, *FLAGS, "--out", str(root / "two")], root)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, launch_failure(proc.stderr)
     one = json.loads((root / "one" / "measure.json").read_text())
     two = json.loads((root / "two" / "measure.json").read_text())
     assert _strip(two) == _strip(one)  # bitwise: floats compared exactly
