@@ -113,6 +113,22 @@ def test_independent_latent_distributional_vs_paired(tmp_path, capsys):
         assert d <= r + f + 1e-6
 
 
+def test_paired_start_only_where_the_paired_generator_explains_the_data(tmp_path, capsys):
+    """The regression of x on its top-2 principal scores explains (9 + 4) / 14 of the variance;
+    on an independent latent it explains nothing, and its generator (the constant mean, a saddle
+    of the distributional loss) must not start the distributional fit."""
+    x, pca, independent = gaussian_data(3000, seed=1)
+    common = ["--generator", "linear", "--metric", "w2", "--n-eval", "500", "--seeds", "2",
+              "--steps", "150", "--no-proxies"]  # fmt: skip
+    r = measure_cli(tmp_path, capsys, pca, x, *common)["paired_start"]
+    assert r["started"] == r["members"] == 2
+    for v in r["validation_r2"].values():
+        assert v == pytest.approx(13 / 14, abs=0.03)
+    r = measure_cli(tmp_path, capsys, independent, x, *common)["paired_start"]
+    assert r["started"] == 0 and r["members"] == 2
+    assert all(v < r["min_r2"] for v in r["validation_r2"].values())
+
+
 def test_report_contract(tmp_path, capsys):
     """SPEC §4 keys, a finite floor with its interval, per-seed values, and the curve files."""
     x, pca, _ = gaussian_data(1200)

@@ -34,8 +34,8 @@ def _metric_names() -> list[str]:
     "--n-eval",
     type=int,
     default=None,
-    help="Rows per evaluation. Default: min(1000, what the rows allow); the reference needs "
-    "2 x n_eval rows (evaluation + floor), more for metrics that train.",
+    help="Rows per evaluation. Default: min(1000, half the samples, what the reference allows); "
+    "the reference needs 2 x n_eval rows (evaluation + floor), more for metrics that train.",
 )
 @click.option(
     "--seeds", type=int, default=5, show_default=True, help="Independent splits for the 95% CI."
@@ -75,7 +75,8 @@ def distance(samples: str, reference: str, **o) -> None:
     evaluation sample and a disjoint floor sample of n_eval rows (and, for metrics that train,
     rows to train on); distance = d(samples, reference eval rows), floor = d(reference floor rows,
     reference eval rows): what fresh real data scores at this size. Mean and 95% interval over
-    seeds, and whether the samples lie above the floor beyond both intervals.
+    seeds, and whether the samples lie above the floor (the interval of distance - floor, seed by
+    seed, excludes 0).
     """
     from latentdist.data import load_data
     from latentdist.evaluation.distance import sample_distance

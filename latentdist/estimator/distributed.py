@@ -481,7 +481,7 @@ def fit_sweep(
     return {
         "ensemble": GatheredEnsemble(list(members), list(generators)),
         "index": {key: m for m, key in enumerate(order)},
-        "linear": [linear[s] for s in range(len(seeds))] if linear else None,
+        "linear": [linear.get(s) for s in range(len(seeds))] if linear else None,
         "final_loss": list(losses),
         "plan": [[[c, seeds[s]] for c, s in block] for block in plan],
     }

@@ -57,8 +57,14 @@ SELECTION_MEANING = (
     "the best on validation rows (disjoint from the evaluation rows) among: each fit's generator "
     "at this capacity (by_fit) and the one chosen at the next smaller capacity, which G_c "
     "contains (nesting). 'chosen' names the winner per seed. When latent and data rows "
-    "correspond the paired fit runs first and the distributional fit starts from its generator"
+    "correspond the paired fit runs first and the distributional fit starts from its generator "
+    "where that generator explains the data (validation R^2 > 0.05, see paired_start)"
 )
+# The paired generator of a latent that says nothing about its rows is the constant mean: a
+# saddle of every distributional loss (all samples coincide, the gradient averages to zero), so
+# starting there collapses the fit (V1's independent latent). Below this validation R^2 a member
+# starts as it would without a paired fit.
+PAIRED_START_MIN_R2 = 0.05
 # Validation judges for the choice: the critic trains per judged sample, so choosing with it
 # would multiply its cost by the number of candidates; the MMD judges the choice instead.
 _VALIDATION_METRIC = {"critic": "mmd"}
@@ -330,7 +336,10 @@ def measure(
     memory.stop("load")
     memory.start()
     fitted: dict[str, dict[str, Any]] = {}
+    paired_start = None
     for f in sorted(fits, key=lambda f: f != "paired"):  # paired first: it starts the others
+        if f != "paired" and "paired" in fitted and paired_start is None:
+            paired_start = _informative_members(fitted["paired"], splits, z_all, x_all, device)
         fitted[f] = _dist.fit_sweep(  # _fit_sweep, its members split across torchrun's ranks
             f,
             cfg,
@@ -342,7 +351,7 @@ def measure(
             device,
             bandwidth,
             progress,
-            start=fitted.get("paired"),
+            start=paired_start["start"] if paired_start and f != "paired" else None,
         )
     t_fit = time.perf_counter() - t0
     memory.stop("fit")
@@ -357,7 +366,10 @@ def measure(
     t_eval = time.perf_counter() - t0
     memory.stop("evaluate")
 
-    floor = mean_ci(floors)
+    # each seed evaluates n_eval of the finite latent and data rows: intervals widened so that
+    # they carry the data's own sampling variability, not only the re-splits' (stats.mean_ci)
+    sampled = max(n_eval / n_x, n_eval / n_z)
+    floor = mean_ci(floors, sampled_fraction=n_eval / n_x)
     epsilon = cfg.epsilon
     if epsilon is None:
         epsilon = floor["ci"][1] if floor["ci"] else floor["mean"]
@@ -386,10 +398,12 @@ def measure(
         entry: dict[str, Any] = {
             "capacity": cap,
             "params": info["params"],
-            "distance": mean_ci(info["distance"]),
+            "distance": mean_ci(info["distance"], sampled_fraction=sampled),
         }
         if len(fits) > 1 or cfg.select:
-            entry["by_fit"] = {f: mean_ci(v) for f, v in info["by_fit"].items()}
+            entry["by_fit"] = {
+                f: mean_ci(v, sampled_fraction=sampled) for f, v in info["by_fit"].items()
+            }
             entry["chosen"] = info["chosen"]
         if info["recon"]:
             entry["recon_rmse"] = mean_ci(info["recon"])
@@ -445,6 +459,14 @@ def measure(
         "fit_meaning": FIT_MEANING[cfg.fit],
         "fits": fits,
         "selection": SELECTION_MEANING if cfg.select else None,
+        "paired_start": None
+        if paired_start is None
+        else {
+            "min_r2": PAIRED_START_MIN_R2,
+            "validation_r2": paired_start["r2"],
+            "started": len(paired_start["start"]["index"]),
+            "members": len(paired_start["r2"]),
+        },
         "kernel": kernel or None,
         "generator": cfg.generator,
         "generator_choice": generator_choice,
@@ -505,9 +527,9 @@ def _fit_sweep(
     """Fit one generator per (capacity, seed) with ``fit``, all members at once.
 
     Starting points, so that each fit begins at a bound already reached: with ``start`` (another
-    fit's sweep, the paired one), each member starts from that sweep's member of the same
-    capacity and seed; otherwise, with selection on, MLP members start from the linear generator
-    fitted first by the same fit (its map in the skip path, the body's output zero), which every
+    fit's sweep, the paired one), each member in its ``index`` starts from that sweep's member of
+    the same capacity and seed; the others (all without ``start``), with selection on, MLP
+    members, start from the linear generator fitted first by the same fit (its map in the skip path, the body's output zero), which every
     capacity contains. ``members``: only these (capacity, seed slot) pairs, in capacity order
     (a rank's share under torchrun, see ``distributed``); default all.
     """
@@ -536,11 +558,15 @@ def _fit_sweep(
         bucket_ratio=ratio,
     ).to(device)
     linear = None
-    if start is not None:
-        for m, key in enumerate(members):  # the member of the same (capacity, seed slot)
-            ensemble.load_member(m, start["ensemble"].export(start["index"][key]))
-    elif cfg.generator == "mlp" and cfg.select:
-        lin_slots = sorted(set(member_slot))  # batches are drawn for every slot regardless
+    started = set()
+    if start is not None:  # the member of the same (capacity, seed slot), where it is given
+        for m, key in enumerate(members):
+            if key in start["index"]:
+                ensemble.load_member(m, start["ensemble"].export(start["index"][key]))
+                started.add(m)
+    rest = [m for m in range(len(members)) if m not in started]
+    if rest and cfg.generator == "mlp" and cfg.select:
+        lin_slots = sorted({member_slot[m] for m in rest})  # batches drawn for every slot anyway
         lin = GeneratorEnsemble(
             "linear",
             latent_shape,
@@ -565,8 +591,8 @@ def _fit_sweep(
         linear = [None] * len(seeds)
         for k, i in enumerate(lin_slots):
             linear[i] = lin.export(k)
-        for m, slot in enumerate(member_slot):
-            ensemble.load_member(m, embed_linear(linear[slot], ensemble.export(m)))
+        for m in rest:
+            ensemble.load_member(m, embed_linear(linear[member_slot[m]], ensemble.export(m)))
     info = fit_ensemble(
         ensemble,
         z_dev,
@@ -581,6 +607,34 @@ def _fit_sweep(
     )
     index = {(c, slot): m for m, (c, slot) in enumerate(zip(member_caps, member_slot, strict=True))}
     return {"ensemble": ensemble, "index": index, "linear": linear, **info}
+
+
+def _informative_members(
+    paired: dict[str, Any],
+    splits: list,
+    z_all: torch.Tensor,
+    x_all: torch.Tensor,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The paired sweep as a start, restricted to the members whose generator explains the data:
+    R^2 = 1 - |g(z) - x|^2 / |x - mean x|^2 on the seed's validation rows (paired through their
+    common row index, disjoint from the fitting and evaluation rows) above PAIRED_START_MIN_R2.
+    Returns ``{"start", "r2"}``; ``r2`` maps "capacity/seed slot" to the value, for the report."""
+    ens, index = paired["ensemble"], paired["index"]
+    r2: dict[tuple, float] = {}
+    with torch.no_grad():
+        for key, m in index.items():
+            rows = splits[key[1]].val_x
+            x = x_all[rows].to(device).flatten(1).float()
+            g = ens.export(m).to(device)
+            pred = g(z_all[rows].to(device)).flatten(1).float()
+            sst = (x - x.mean(0)).square().sum()
+            r2[key] = float(1.0 - (pred - x).square().sum() / sst.clamp_min(1e-12))
+    keep = {k: m for k, m in index.items() if r2[k] > PAIRED_START_MIN_R2}
+    return {
+        "start": {**paired, "index": keep},
+        "r2": {f"{k[0]}/{k[1]}": round(v, 4) for k, v in r2.items()},
+    }
 
 
 def _features_for(cfg: MeasureConfig, train: torch.Tensor, data_shape, seed: int):
@@ -710,9 +764,10 @@ def _evaluate(
                     label, g_prev, d_prev, v_prev = chosen_prev[slot]
                     cands.append((label, embed_generator(g_prev, fresh()).eval(), d_prev, v_prev))
                 else:
-                    for f in fits:
-                        if fitted[f]["linear"] is not None:
-                            g_lin = embed_linear(fitted[f]["linear"][slot], fresh()).eval()
+                    for f in fits:  # the linear start of this slot, where one was fitted
+                        lin = fitted[f]["linear"]
+                        if lin is not None and lin[slot] is not None:
+                            g_lin = embed_linear(lin[slot], fresh()).eval()
                             cands.append((f"{f}@linear", g_lin, None, None))
             z_val = z_all[sp.val_z]
             values = [

@@ -17,7 +17,10 @@ reference)::
 The floor is what the true distribution itself scores at this sample size: ~0 for unbiased
 estimators (unbiased MMD^2, KID, the held-out critic), far from 0 for empirical W1/W2 in high
 dimension (Weed & Bach 2019, arXiv 1707.00087). Means and Student-t 95 % intervals are over
-seeds (``latentdist.estimator.stats.mean_ci``). A held-out critic value is E_P f - E_Q f for one
+seeds (``latentdist.estimator.stats.mean_ci``), widened by the delete-d jackknife for the
+fraction of each finite set a seed evaluates, so that they carry the data's own sampling
+variability and not only the re-splits' (a side used whole in every seed cannot; the report
+warns). A held-out critic value is E_P f - E_Q f for one
 f fixed before the scored rows are seen: a lower bound on d_F whose floor is ~0 with
 O(n^(-1/2)) spread (Arora et al. 2017, "Generalization and Equilibrium in GANs").
 """
@@ -126,7 +129,8 @@ class DistanceResult:
 
     @property
     def verdict(self) -> str:
-        """'above' / 'below' the floor beyond both 95 % intervals, or 'within' (or 'one seed')."""
+        """'above' / 'below' the floor (the 95 % interval of the per-seed excess over the floor
+        excludes 0), or 'within' (or 'one seed')."""
         return self.report["verdict"]
 
     def table(self) -> str:
@@ -145,6 +149,7 @@ class DistanceResult:
             f"{'':<9} {'mean':>12}   95% CI",
             row("distance", r["distance"]),
             row("floor", r["floor"]),
+            row("excess", r["excess"]),
             f"verdict: {_VERDICT_TEXT[r['verdict']]}",
             f"space: {r['space']}",
         ]
@@ -168,9 +173,10 @@ class DistanceResult:
 
 
 _VERDICT_TEXT = {
-    "above": "above the floor beyond both 95% intervals (the samples are distinguishable)",
+    "above": "above the floor: the 95% interval of the excess over it excludes 0 (the samples "
+    "are distinguishable)",
     "within": "within the floor's range (not distinguishable from fresh reference data)",
-    "below": "below the floor beyond both intervals: no sample set beats fresh data in the "
+    "below": "below the floor (the excess's 95% interval is below 0): no sample set beats fresh data in the "
     "population, so this is a failure of the estimate at this size, not a ranking (see the warning)",
     "one seed": "one seed: no interval to judge by",
 }
@@ -349,7 +355,8 @@ def sample_distances(
     # rows that must remain for training, as a multiple of n_eval (the default keeps them equal)
     fit_share = {"critic": 2, "features": 1, None: 0}[fit]
     if n_eval is None:
-        n_eval = min(_MAX_N_EVAL, n_ref // (2 + fit_share), n_smp_min // (2 if critic else 1))
+        # at most half of each set per seed: the re-splits then show every side's variability
+        n_eval = min(_MAX_N_EVAL, n_ref // (2 + fit_share), n_smp_min // 2)
     if n_eval < 2:
         raise UsageError(
             f"--n-eval {n_eval}: expected an integer >= 2 (reference has {n_ref} rows, "
@@ -428,12 +435,29 @@ def sample_distances(
     elapsed = time.perf_counter() - t_start
     out = {}
     for name, (_, smp_info) in smps.items():
-        distance, floor = mean_ci(distances[name]), mean_ci(floors[name])
-        verdict = _verdict(distance, floor)
+        # each seed evaluates a fraction of each finite set (see mean_ci); a set evaluated
+        # whole in every seed shows no variability across seeds, so it cannot enter
+        f_ref, f_smp = n_eval / n_ref, n_eval / smp_info["rows"]
+        sampled = max(f for f in (f_ref, f_smp) if f < 1)
+        distance = mean_ci(distances[name], sampled_fraction=sampled)
+        floor = mean_ci(floors[name], sampled_fraction=f_ref)
+        # distance and floor of a seed share its reference rows: their difference is paired
+        excess = mean_ci(
+            np.subtract(distances[name], floors[name]).tolist(), sampled_fraction=sampled
+        )
+        verdict = _verdict(excess)
         warnings = []
+        if f_smp >= 1 and len(seed_list) > 1:
+            warnings.append(
+                f"every seed scores all {smp_info['rows']} sample rows (n_eval {n_eval}): the "
+                "interval does not carry the samples' own sampling variability; give more "
+                "samples or a lower --n-eval"
+            )
         if verdict == "below":
             cause = below_floor_cause(metric, n_eval, math.prod(ref_info["shape"]))
-            warnings.append(f"the samples score below the floor beyond both intervals: {cause}")
+            warnings.append(
+                f"the samples score below the floor (the excess over it is below 0 beyond its interval): {cause}"
+            )
         report = {
             "metric": metric,
             "metric_kwargs": dict(kwargs),
@@ -444,6 +468,7 @@ def sample_distances(
             "seeds": seed_list,
             "distance": distance,
             "floor": floor,
+            "excess": excess,
             "verdict": verdict,
             "training": training.get(name),
             "samples": smp_info,
@@ -456,12 +481,13 @@ def sample_distances(
     return out
 
 
-def _verdict(distance: dict, floor: dict) -> str:
-    if not distance["ci"] or not floor["ci"]:
+def _verdict(excess: dict) -> str:
+    """From the interval of distance - floor, seed by seed (a paired comparison)."""
+    if not excess["ci"]:
         return "one seed"
-    if distance["ci"][0] > floor["ci"][1]:
+    if excess["ci"][0] > 0:
         return "above"
-    if distance["ci"][1] < floor["ci"][0]:
+    if excess["ci"][1] < 0:
         return "below"
     return "within"
 
