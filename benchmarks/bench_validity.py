@@ -476,7 +476,9 @@ def v5(small: bool, cols: list[Column]) -> str:
         "(re-splits of one data set), widened by the delete-d jackknife for the fraction of each "
         "set a seed evaluates (estimator.stats.mean_ci) so that it carries the data's own "
         "sampling variability; goal: >= 18/20 where the truth is known and the estimator "
-        "unbiased (mmd, kid; fd and the OT metrics are biased at n_eval).\n\n" + markdown_table(table) + "\n"
+        "unbiased (mmd, kid; fd and the OT metrics are biased at n_eval).\n\n"
+        + markdown_table(table)
+        + "\n"
     )
 
 
@@ -506,6 +508,37 @@ def v6(steps: int) -> str:
 # ---------------------------------------------------------------- main
 
 SECTION = re.compile(r"^## (V\d)\b", re.M)
+
+
+def _table(text: str) -> tuple[list[str], dict[str, list[str]], int, int]:
+    """The first markdown table in ``text``: header, rows by first cell, its line span."""
+    lines = text.split("\n")
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("| "))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    cells = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines[start:end]]
+    return cells[0], {r[0]: r for r in cells[2:]}, start, end
+
+
+def merge_columns(old: str, new: str, note: str) -> str:
+    """The V2 section ``old`` with the columns of ``new`` (a run of some columns on the same
+    splits and seeds) added or replaced, their summary lines too, and ``note`` appended."""
+    head_o, rows_o, start, end = _table(old)
+    head_n, rows_n, _, _ = _table(new)
+    added = head_n[1:]
+    header = [h for h in head_o if h not in added] + added
+    keep = [head_o.index(h) for h in header if h in head_o]
+    lines = old.split("\n")
+    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key, row in rows_o.items():
+        cells = [row[k] for k in keep] + rows_n[key][1:]
+        table.append("| " + " | ".join(cells) + " |")
+    summary = {ln.split(":")[0]: ln for ln in lines if ln.startswith("- ")}
+    summary.update({ln.split(":")[0]: ln for ln in new.split("\n") if ln.startswith("- ")})
+    body = [ln for ln in lines[:start] if not ln.startswith("- ")]
+    first = next(i for i, ln in enumerate(body) if ln.startswith("_"))  # the stamp line
+    body = body[: first + 1] + [""] + list(summary.values()) + body[first + 1 :]
+    text = "\n".join(body).rstrip() + "\n\n" + "\n".join(table) + "\n"
+    return text + "\n".join(lines[end:]).rstrip() + "\n\n" + note + "\n"
 
 
 def merge_sections(old: str, new: dict[str, str]) -> dict[str, str]:
@@ -597,6 +630,15 @@ def main() -> None:
     name = "validity" + ("_small" if args.small else "")
     old_path = RESULTS / f"{name}.md"
     old = old_path.read_text() if args.only and old_path.exists() else ""
+    if args.columns and "V2" in sections and old:  # a rerun of some columns: merge them in
+        prev = merge_sections(old, {}).get("V2")
+        if prev:
+            stamp_new = sections["V2"].split("\n")[2]
+            sections["V2"] = merge_columns(
+                prev,
+                sections["V2"],
+                f"Columns {args.columns} were (re)run on the same splits and seeds: {stamp_new}.",
+            )
     merged = merge_sections(old, sections)
     intro = (
         "One section per check (benchmarks/bench_validity.py; each stamped with when it ran and "
