@@ -202,6 +202,17 @@ def test_measure_reports_the_normalised_latent(vae_dirs, tmp_path, capsys):
 # ------------------------------------------------------------------ image folders of any size
 
 
+def test_default_batch_keeps_the_pixels_per_step():
+    from latentdist.dae.config import default_batch_size
+
+    assert default_batch_size((1, 28, 28)) == default_batch_size((16,)) == 64
+    assert default_batch_size((1, 64, 64)) == 64
+    assert default_batch_size((3, 96, 96)) == 64 * 4096 // (96 * 96) == 28
+    assert default_batch_size((1, 250, 250)) == 4  # 4.2 pixels' worth, floored at the minimum
+    assert default_batch_size((1, 512, 512)) == 4
+    assert default_batch_size((1, 250, 250), world_size=3) == 6  # a multiple of the processes
+
+
 @pytest.mark.parametrize(
     "size, factor", [((25, 25), 4), ((13, 10), 4), ((7, 9), 2), ((8, 8), 16), ((16, 16), 4)]
 )

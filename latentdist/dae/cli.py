@@ -47,8 +47,9 @@ def _ints(text: str | None) -> tuple[int, ...] | None:
 @click.option(
     "--batch-size",
     type=int,
-    default=_D.batch_size,
-    help="GLOBAL batch; split evenly over torchrun processes.",
+    default=None,
+    help="GLOBAL batch; split evenly over torchrun processes. Default: 64, or for images above "
+    "64x64 pixels 64*4096/(H*W), at least 4 (the same pixels per step at any size).",
 )
 @click.option("--lr", type=float, default=_D.lr, help="Adam learning rate (constant).")
 @click.option(

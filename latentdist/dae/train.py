@@ -28,7 +28,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,7 @@ from latentdist._io import atomic_open, save_json, save_torch
 from latentdist._shapes import Crop, PadTo, padded_size
 from latentdist.dae import distributed as dist_util
 from latentdist.dae.bottleneck import VectorQuantizer, make_bottleneck
-from latentdist.dae.config import RESUMABLE_CHANGES, TrainConfig
+from latentdist.dae.config import RESUMABLE_CHANGES, TrainConfig, default_batch_size
 from latentdist.dae.curves import log_scalars, plot_curves, require_tensorboard, summary_writer
 from latentdist.dae.losses import (
     PerceptualLoss,
@@ -579,10 +579,6 @@ def _train(config: TrainConfig, device: torch.device, info: dist_util.DistInfo) 
     done = _check_out_dir(config)
     if done is not None:
         return done
-    if config.batch_size % info.world_size:
-        raise UsageError(
-            f"--batch-size {config.batch_size}: must be divisible by the {info.world_size} processes"
-        )
     if config.precision == "fp16" and device.type != "cuda":
         raise UsageError("--precision fp16: needs --device cuda (use bf16 or fp32 on CPU)")
     if config.tensorboard and info.is_main:
@@ -595,6 +591,12 @@ def _train(config: TrainConfig, device: torch.device, info: dist_util.DistInfo) 
         image=ImageOptions(config.channels, config.resize),
     )
     _validate_data(config, src)
+    if config.batch_size is None:  # resolved once; the run's config then records the number
+        config = replace(config, batch_size=default_batch_size(src.sample_shape, info.world_size))
+    if config.batch_size % info.world_size:
+        raise UsageError(
+            f"--batch-size {config.batch_size}: must be divisible by the {info.world_size} processes"
+        )
     fingerprint = src.fingerprint()
     train_idx, val_idx = split_indices(len(src), config.val_fraction, config.split_seed)
     if len(train_idx) == 0:
