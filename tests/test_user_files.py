@@ -343,7 +343,10 @@ def test_train_measure_compare_on_25x25_photos(grey25, tmp_path, capsys, umask02
     flags = ["--capacities", "2,4", "--steps", "5", "--seeds", "2", "--n-eval", "10", "--no-proxies", "--no-progress"]  # fmt: skip
     code, out, err = run_cli(["measure", "--encoder", str(run / "encoder.pt"), "--data", str(grey25), "--generator", "conv", *flags, "--out", str(tmp_path / "m")], capsys)  # fmt: skip
     assert code == 0, err
-    assert json.loads((tmp_path / "m" / "measure.json").read_text())["latent"]["shape"] == [2, 7, 7]
+    report = json.loads((tmp_path / "m" / "measure.json").read_text())
+    assert report["latent"]["shape"] == [2, 7, 7]
+    # a batch of 256 from the rows one seed fits on would only repeat them
+    assert report["fit_batch_size"] == report["fit_diagnostics"]["train_rows"] < 256
     assert _mode(tmp_path / "m" / "measure.json") == 0o644
 
     cmp_flags = ["--gen-seeds", "1", "--feature-steps", "5", "--prior-components", "2", "--prior-pca", "4", "--k", "2"]  # fmt: skip

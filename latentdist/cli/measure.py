@@ -113,7 +113,14 @@ def measurement_options(f):
             show_default=True,
             help="Optimiser steps per generator.",
         ),
-        click.option("--batch-size", type=int, default=256, show_default=True),
+        click.option(
+            "--batch-size",
+            type=int,
+            default=256,
+            show_default=True,
+            help="Fitting minibatch; at most the rows one seed fits on (measure.json: "
+            "fit_batch_size).",
+        ),
         click.option(
             "--lr",
             type=float,

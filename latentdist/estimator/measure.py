@@ -458,6 +458,9 @@ def measure(
         "fit": cfg.fit,
         "fit_meaning": FIT_MEANING[cfg.fit],
         "fits": fits,
+        "fit_batch_size": fit_batch_size(
+            cfg.batch_size, [sp.train_z for sp in splits], [sp.train_x for sp in splits]
+        ),
         "selection": SELECTION_MEANING if cfg.select else None,
         "paired_start": None
         if paired_start is None
@@ -542,7 +545,7 @@ def _fit_sweep(
     settings = FitSettings(
         fit=fit,
         steps=cfg.steps,
-        batch_size=cfg.batch_size,
+        batch_size=fit_batch_size(cfg.batch_size, train_z, train_x),
         lr=cfg.lr,
         cost="euclidean" if cfg.metric == "w1" else "sqeuclidean",
         bandwidth=bandwidth,
@@ -607,6 +610,13 @@ def _fit_sweep(
     )
     index = {(c, slot): m for m, (c, slot) in enumerate(zip(member_caps, member_slot, strict=True))}
     return {"ensemble": ensemble, "index": index, "linear": linear, **info}
+
+
+def fit_batch_size(batch_size: int, train_z: list, train_x: list) -> int:
+    """--batch-size, but at most the rows one seed fits on: a batch drawn from fewer rows than
+    its size only repeats them (a folder of 200 photos leaves ~80 fitting rows per seed), which
+    costs B^2 kernel entries per step and carries no more information."""
+    return max(2, min(batch_size, *(len(t) for t in (*train_z, *train_x))))
 
 
 def _informative_members(
