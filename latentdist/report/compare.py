@@ -266,7 +266,8 @@ def _plt(path_given: bool):
 
 
 def plot_curves(report: dict[str, Any], path: str | Path | None = None):
-    """Every run's distance curve with its 95 % band; each run's floor as a dashed line."""
+    """Every run's distance curve with its 95 % band; each run's floor as a dashed line with
+    its 95 % band (grey), so a curve inside the band reads as indistinguishable from data."""
     plt = _plt(path is not None)
     fig, ax = plt.subplots(figsize=(6, 4))
     linear = False
@@ -281,7 +282,9 @@ def plot_curves(report: dict[str, Any], path: str | Path | None = None):
         if all(cis):
             ax.fill_between(x, [c[0] for c in cis], [c[1] for c in cis], color=color, alpha=0.2)
         ax.axhline(m["floor"]["mean"], color=color, ls="--", lw=1)
-    ax.plot([], [], "k--", lw=1, label="floor (data vs data)")
+        if m["floor"]["ci"]:
+            ax.axhspan(*m["floor"]["ci"], color="k", alpha=0.08)
+    ax.plot([], [], "k--", lw=1, label="floor (data vs data) and its 95% CI")
     if not linear:
         ax.set_xscale("log", base=2)
     cfg = report["measure_config"]
