@@ -49,9 +49,10 @@ class TrainConfig:
     """Configuration of one DAE (``mode='dae'``) or joint-baseline (``mode='joint'``) run.
 
     Defaults are sized for the built-in ``digits``/``mnist5k`` on a 2-core CPU. ``batch_size`` is
-    the *global* batch (default ``default_batch_size``: 64, fewer for images above 64 x 64): under torchrun with N processes each process takes ``batch_size / N``
-    samples and DDP averages the gradients, so the optimisation is that of one process with
-    ``batch_size`` samples.
+    the *global* batch (default ``default_batch_size``: 64, fewer for images above 64 x 64):
+    under torchrun with N processes each process takes ``batch_size / N`` samples and DDP
+    averages the gradients, so the optimisation is that of one process with ``batch_size``
+    samples.
     """
 
     data: str = "digits"

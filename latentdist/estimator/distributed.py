@@ -30,8 +30,9 @@ Equality with one process: on CPU the result is bitwise equal to the single-proc
 every process runs with the same number of threads as the single process (torchrun sets
 ``OMP_NUM_THREADS=1``; compare with ``--threads 1``). Across thread counts the differences are
 rounding: mlp and linear fits stayed bitwise equal, held-out kernel sums differ by about 1e-16
-relative, convolutions sum in a thread-dependent order (a few 1e-8 per parameter after 15 steps). On CUDA, kernels are not bitwise reproducible across
-batch shapes in general: equal within float32 rounding, amplified by the fit's dynamics.
+relative, convolutions sum in a thread-dependent order (a few 1e-8 per parameter after 15
+steps). On CUDA, kernels are not bitwise reproducible across batch shapes in general: equal
+within float32 rounding, amplified by the fit's dynamics.
 """
 
 from __future__ import annotations

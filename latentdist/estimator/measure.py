@@ -532,9 +532,10 @@ def _fit_sweep(
     Starting points, so that each fit begins at a bound already reached: with ``start`` (another
     fit's sweep, the paired one), each member in its ``index`` starts from that sweep's member of
     the same capacity and seed; the others (all without ``start``), with selection on, MLP
-    members, start from the linear generator fitted first by the same fit (its map in the skip path, the body's output zero), which every
-    capacity contains. ``members``: only these (capacity, seed slot) pairs, in capacity order
-    (a rank's share under torchrun, see ``distributed``); default all.
+    members, start from the linear generator fitted first by the same fit (its map in the skip
+    path, the body's output zero), which every capacity contains. ``members``: only these
+    (capacity, seed slot) pairs, in capacity order (a rank's share under torchrun, see
+    ``distributed``); default all.
     """
     sweep = [(c, i) for c in caps for i in range(len(seeds))]
     subset = None if members is None else (len(sweep), [sweep.index(m) for m in members])

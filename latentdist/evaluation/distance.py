@@ -176,8 +176,9 @@ _VERDICT_TEXT = {
     "above": "above the floor: the 95% interval of the excess over it excludes 0 (the samples "
     "are distinguishable)",
     "within": "within the floor's range (not distinguishable from fresh reference data)",
-    "below": "below the floor (the excess's 95% interval is below 0): no sample set beats fresh data in the "
-    "population, so this is a failure of the estimate at this size, not a ranking (see the warning)",
+    "below": "below the floor (the excess's 95% interval is below 0): no sample set beats fresh "
+    "data in the population, so this is a failure of the estimate at this size, not a ranking "
+    "(see the warning)",
     "one seed": "one seed: no interval to judge by",
 }
 
@@ -456,7 +457,8 @@ def sample_distances(
         if verdict == "below":
             cause = below_floor_cause(metric, n_eval, math.prod(ref_info["shape"]))
             warnings.append(
-                f"the samples score below the floor (the excess over it is below 0 beyond its interval): {cause}"
+                "the samples score below the floor (the interval of their excess over it lies "
+                f"below 0): {cause}"
             )
         report = {
             "metric": metric,
