@@ -238,7 +238,12 @@ def test_member_loop_equals_vmap(family, latent, data):
     bucket, z = ens.buckets[0], torch.randn(2, 16, *latent)
     params = dict(zip(bucket.names, bucket.weights, strict=True))
     vmapped = vmap(lambda p, zb: functional_call(bucket.template[0], p, (zb,)))(params, z)
-    torch.testing.assert_close(ens(z), vmapped)
+    looped = ens(z)
+    torch.testing.assert_close(looped, vmapped)
+    # and the same gradients (the CPU conv loop runs channels-last kernels)
+    grads = [torch.autograd.grad(out.square().sum(), bucket.weights) for out in (looped, vmapped)]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("cost", ["sqeuclidean", "euclidean"])

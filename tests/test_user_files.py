@@ -246,6 +246,40 @@ def test_conv_generator_crops_to_any_image_size():
         upsampling_factor((4, 5, 5), (1, 25, 25))
 
 
+def test_conv_generator_halves_its_channels_per_upsampling_and_stays_nested():
+    """Width c at the latent, ceil(c/2^level) after each 2x upsampling (at least min(c, 4)):
+    each level costs about the same. A narrower generator embeds exactly in a wider one."""
+    from latentdist.generators.modules import conv_level_width, embed_generator, make_generator
+
+    g = make_generator("conv", (4, 6, 6), (3, 24, 24), capacity=32, depth=2)
+    convs = [m for m in g.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert [c.out_channels for c in convs] == [32, 16, 16, 8, 8, 3]
+    assert [conv_level_width(4, j) for j in range(4)] == [4, 4, 4, 4]
+    assert [conv_level_width(5, j) for j in range(3)] == [5, 4, 4]
+    torch.manual_seed(0)
+    small = make_generator("conv", (4, 6, 6), (3, 24, 24), capacity=5, depth=2)
+    big = embed_generator(small, make_generator("conv", (4, 6, 6), (3, 24, 24), 32, depth=2))
+    z = torch.randn(3, 4, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(big(z), small(z))
+
+
+def test_default_fitting_batch_keeps_the_pixels_per_step():
+    """256 rows up to 32 x 32 pixels (MNIST, CIFAR, vectors), then 256*1024/(H*W), at least 16;
+    measure.json reports the batch used, capped by the fitting rows."""
+    from latentdist.estimator.measure import default_fit_batch, fit_batch_size
+
+    assert default_fit_batch((784,)) == default_fit_batch((1, 28, 28)) == 256
+    assert default_fit_batch((3, 32, 32)) == 256
+    assert default_fit_batch((3, 64, 64)) == 64
+    assert default_fit_batch((3, 96, 96)) == 28
+    assert default_fit_batch((1, 250, 250)) == 16
+    rows = [torch.arange(150)]
+    assert fit_batch_size(None, (3, 96, 96), rows, rows) == 28
+    assert fit_batch_size(None, (1, 28, 28), rows, rows) == 150
+    assert fit_batch_size(64, (3, 96, 96), rows, rows) == 64
+
+
 @pytest.fixture(scope="module")
 def grey25(tmp_path_factory):
     folder = tmp_path_factory.mktemp("grey25")

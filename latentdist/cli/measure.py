@@ -116,9 +116,9 @@ def measurement_options(f):
         click.option(
             "--batch-size",
             type=int,
-            default=256,
-            show_default=True,
-            help="Fitting minibatch; at most the rows one seed fits on (measure.json: "
+            default=None,
+            help="Fitting minibatch [default: 256, or 256*1024/(H*W) rows of images above 32x32 "
+            "pixels, at least 16]; at most the rows one seed fits on (measure.json: "
             "fit_batch_size).",
         ),
         click.option(

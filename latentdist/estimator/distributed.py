@@ -263,13 +263,15 @@ def member_cost(
     """Relative cost of fitting one member: forward and backward through its parameters, plus
     the fit's loss, which costs about B data dimensions per sample (the B x B kernel or cost
     matrix, computed per member)."""
+    from latentdist.estimator.measure import default_fit_batch
     from latentdist.generators.modules import count_params, make_generator
 
     with torch.device("meta"):
         g = make_generator(
             cfg.generator, tuple(latent_shape), tuple(data_shape), capacity, cfg.depth
         )
-    return 3.0 * count_params(g) + 2.0 * cfg.batch_size * float(np.prod(data_shape))
+    batch = default_fit_batch(data_shape) if cfg.batch_size is None else cfg.batch_size
+    return 3.0 * count_params(g) + 2.0 * batch * float(np.prod(data_shape))
 
 
 def split_contiguous(costs: Sequence[float], parts: int) -> list[list[int]]:

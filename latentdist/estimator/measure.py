@@ -12,8 +12,10 @@ docs/concepts.md).
 
 from __future__ import annotations
 
+import math
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -75,6 +77,8 @@ GENERATORS = ("auto", *FAMILIES)
 # --generator auto takes mlp up to this many parameters in its widest member: a dense map from
 # a 4x63x63 latent to 250x250 images has ~10^9, more than a sweep of 18 members can hold
 MLP_PARAMS_LIMIT = 10_000_000
+# default fitting batch (default_fit_batch): FIT_BATCH rows up to FIT_BATCH_PIXELS pixels each
+FIT_BATCH, FIT_BATCH_PIXELS, MIN_FIT_BATCH = 256, 32 * 32, 16
 
 
 def choose_generator(
@@ -118,7 +122,7 @@ class MeasureConfig:
     seeds: int = 3
     n_eval: int | None = None  # None: default_n_eval(rows)
     steps: int = 400
-    batch_size: int = 256
+    batch_size: int | None = None  # None: default_fit_batch(data shape)
     lr: float | None = None  # None: DEFAULT_LR[generator]
     device: str = "auto"
     epsilon: float | None = None  # None: the floor's upper confidence limit
@@ -149,7 +153,7 @@ class MeasureConfig:
             ("depth", self.depth, 1),
             ("seeds", self.seeds, 1),
             ("steps", self.steps, 1),
-            ("batch-size", self.batch_size, 2),
+            ("batch-size", 2 if self.batch_size is None else self.batch_size, 2),
         ):
             if int(value) < low:
                 raise bad(flag, value, f"an integer >= {low}")
@@ -459,7 +463,7 @@ def measure(
         "fit_meaning": FIT_MEANING[cfg.fit],
         "fits": fits,
         "fit_batch_size": fit_batch_size(
-            cfg.batch_size, [sp.train_z for sp in splits], [sp.train_x for sp in splits]
+            cfg.batch_size, data_shape, [sp.train_z for sp in splits], [sp.train_x for sp in splits]
         ),
         "selection": SELECTION_MEANING if cfg.select else None,
         "paired_start": None
@@ -546,7 +550,7 @@ def _fit_sweep(
     settings = FitSettings(
         fit=fit,
         steps=cfg.steps,
-        batch_size=fit_batch_size(cfg.batch_size, train_z, train_x),
+        batch_size=fit_batch_size(cfg.batch_size, x_dev.shape[1:], train_z, train_x),
         lr=cfg.lr,
         cost="euclidean" if cfg.metric == "w1" else "sqeuclidean",
         bandwidth=bandwidth,
@@ -613,11 +617,26 @@ def _fit_sweep(
     return {"ensemble": ensemble, "index": index, "linear": linear, **info}
 
 
-def fit_batch_size(batch_size: int, train_z: list, train_x: list) -> int:
-    """--batch-size, but at most the rows one seed fits on: a batch drawn from fewer rows than
-    its size only repeats them (a folder of 200 photos leaves ~80 fitting rows per seed), which
-    costs B^2 kernel entries per step and carries no more information."""
-    return max(2, min(batch_size, *(len(t) for t in (*train_z, *train_x))))
+def default_fit_batch(data_shape: Sequence[int]) -> int:
+    """256 rows, or for images of more than 32 x 32 pixels 256 * 1024 / (H * W) (at least 16):
+    the pixels per step of a CIFAR-sized batch at every image size, so that a conv sweep on
+    photographs finishes on a CPU (96 x 96: 28 rows; 250 x 250: 16). The rule of train-dae's
+    default batch (``latentdist.dae.config.default_batch_size``)."""
+    pixels = math.prod(data_shape[-2:]) if len(data_shape) == 3 else 1
+    if pixels <= FIT_BATCH_PIXELS:
+        return FIT_BATCH
+    return max(MIN_FIT_BATCH, FIT_BATCH * FIT_BATCH_PIXELS // pixels)
+
+
+def fit_batch_size(
+    batch_size: int | None, data_shape: Sequence[int], train_z: list, train_x: list
+) -> int:
+    """--batch-size (default ``default_fit_batch``), but at most the rows one seed fits on: a
+    batch drawn from fewer rows than its size only repeats them (a folder of 200 photos leaves
+    ~80 fitting rows per seed), which costs B^2 kernel entries per step and carries no more
+    information."""
+    batch = default_fit_batch(data_shape) if batch_size is None else batch_size
+    return max(2, min(batch, *(len(t) for t in (*train_z, *train_x))))
 
 
 def _informative_members(

@@ -89,25 +89,36 @@ def upsampling_factor(latent_shape: tuple[int, ...], data_shape: tuple[int, ...]
     )
 
 
+def conv_level_width(width: int, level: int) -> int:
+    """Channels of the conv generator at ``level`` upsamplings from the latent: ``width`` halved
+    per level, as image decoders do (Rombach et al. 2022's KL-f8 decoder), so that each level
+    costs about the same (4x the pixels, 1/4 the channel pairs), but never below min(width, 4).
+    Non-decreasing in ``width``, so G_c ⊂ G_c' still holds level by level."""
+    return max(math.ceil(width / 2**level), min(width, 4))
+
+
 def conv_generator(
     latent_shape: tuple[int, ...], data_shape: tuple[int, ...], width: int, depth: int = 1
 ) -> nn.Sequential:
     """A conv decoder: 3x3 conv to ``width`` channels, k times (nearest 2x upsample, ``depth``
-    3x3 convs + ReLU), then a 3x3 conv to the image channels; plus the linear skip
-    upsample(1x1 conv(z)); the sum is cropped to the data size when 2^k does not divide it."""
+    3x3 convs + ReLU at ``conv_level_width(width, level)`` channels), then a 3x3 conv to the
+    image channels; plus the linear skip upsample(1x1 conv(z)); the sum is cropped to the data
+    size when 2^k does not divide it."""
     if width < 1 or depth < 1:
         raise UsageError(f"conv generator needs width >= 1 and depth >= 1 (got {width}, {depth})")
     k = upsampling_factor(latent_shape, data_shape)
     c_in, c_out = latent_shape[0], data_shape[0]
     layers: list[nn.Module] = [nn.Conv2d(c_in, width, 3, padding=1), nn.ReLU()]
-    for _ in range(k):
+    channels = width
+    for level in range(1, k + 1):
         layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
         for _ in range(depth):
-            layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
+            layers += [nn.Conv2d(channels, conv_level_width(width, level), 3, padding=1), nn.ReLU()]
+            channels = conv_level_width(width, level)
     if k == 0:
         for _ in range(depth - 1):
             layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
-    layers.append(nn.Conv2d(width, c_out, 3, padding=1, bias=False))
+    layers.append(nn.Conv2d(channels, c_out, 3, padding=1, bias=False))
     skip: list[nn.Module] = [nn.Conv2d(c_in, c_out, 1)]
     if k:
         skip.append(nn.Upsample(scale_factor=2**k, mode="nearest"))
