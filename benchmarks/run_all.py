@@ -16,6 +16,7 @@ def main() -> None:
     small = "--small" in sys.argv[1:]
     jobs = [
         ["bench_sweep.py", *(["--small"] if small else [])],
+        ["bench_conv.py", *(["--small"] if small else [])],
         ["bench_trainer.py", *(["--steps", "60", "--repeats", "2", "--no-write"] if small else [])],
         ["bench_quality.py", *(["--small"] if small else [])],
         ["bench_validity.py", *(["--small"] if small else [])],
