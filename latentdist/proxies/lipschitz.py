@@ -1,7 +1,9 @@
 """Lipschitz bounds and Jacobian norms of a generator g: R^{latent} -> R^{data}.
 
 Outputs are flattened, so every Jacobian J_g(z) is a (prod data_shape) x (prod latent_shape)
-matrix and norms are Euclidean on the flattened vectors.
+matrix and norms are Euclidean on the flattened vectors. g must map each row of a batch on its
+own (every family in ``latentdist.generators`` does; no batch statistics in eval mode): the
+Jacobian-vector products of a batch of points are then those of each point, in one pass.
 
 * ``lipschitz_lower``: max_z ||J_g(z)||_2 over sample points, by power iteration with
   Jacobian-vector / vector-Jacobian products (never forming J). Any unit v gives
