@@ -390,7 +390,10 @@ def measure(
         items = [(c, i) for c in caps for i in range(len(seeds))]
         values = _dist.map_items(
             lambda m: generator_proxies(
-                curve_data[m[0]]["generators"][m[1]], z_all[splits[m[1]].eval_z], latent_shape
+                curve_data[m[0]]["generators"][m[1]],
+                z_all[splits[m[1]].eval_z],
+                latent_shape,
+                n_max=default_fit_batch(data_shape),  # Jacobian products cost as steps do
             ),
             items,
             [curve_data[c]["params"] for c, _ in items],
