@@ -204,3 +204,31 @@ def test_generator_proxies_bundle():
     assert fast["lipschitz_upper"] == full["lipschitz_upper"]
     with pytest.raises(UsageError, match="per-sample shape"):
         generator_proxies(g, z, (4,))
+
+
+@pytest.mark.parametrize(
+    ("conv", "shape"),
+    [
+        (nn.Conv2d(2, 3, 3, padding=1), (2, 6, 6)),
+        (nn.Conv2d(3, 2, 3, padding=1), (3, 5, 7)),
+        (nn.Conv2d(2, 2, 1), (2, 4, 4)),
+    ],
+)
+def test_circular_bound_is_the_circular_norm_and_bounds_the_zero_padded_one(conv, shape):
+    """Sedghi et al. 2019: the DFT's per-frequency SVDs give the exact norm of the circular conv
+    on the (H+p) x (W+p) grid (dense check), which is at least the zero-padded conv's norm."""
+    from latentdist.proxies.lipschitz import circular_conv_norm
+
+    conv = conv.double()
+    bound = circular_conv_norm(conv, shape)
+    grid = (shape[0], *(n + p for n, p in zip(shape[1:], conv.padding, strict=True)))
+    circular = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size,
+                         padding=conv.padding, padding_mode="circular", bias=False)  # fmt: skip
+    circular = circular.double()
+    circular.weight.data = conv.weight.data.clone()
+    dense_circular = _dense(lambda x: circular(x), grid)
+    assert bound == pytest.approx(float(torch.linalg.matrix_norm(dense_circular, ord=2)), rel=1e-9)
+    dense = _dense(lambda x: conv._conv_forward(x, conv.weight, None), shape)
+    assert bound >= float(torch.linalg.matrix_norm(dense, ord=2)) * (1 - 1e-12)
+    strided = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+    assert circular_conv_norm(strided, (2, 6, 6)) is None  # not a circulant: Lanczos instead

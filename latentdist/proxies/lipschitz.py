@@ -33,6 +33,10 @@ from latentdist.generators.modules import SumOfPaths
 CONV_NORM_MARGIN = 1e-5
 # Operators up to this many input entries get their norm from the dense matrix (exact SVD).
 _DENSE_MAX = 64
+# Conv operators above this many input entries get the circular bound (``circular_conv_norm``):
+# Lanczos took 20 s per conv generator at 96x96 and over 10 min at 250x250 on a CPU, while the
+# circular bound is within 0.3% of it from 24x24 up (measured; it is looser on small grids).
+_LANCZOS_MAX = 16_384
 
 
 @contextlib.contextmanager
@@ -196,17 +200,21 @@ def conv_operator_norm(conv: nn.Conv2d, input_shape: tuple[int, ...], *, seed: i
     that an eigenvalue lies within the tolerance of the estimate; that it is the *largest* holds
     with overwhelming probability from a random start but is not a formal proof. For a certified
     (looser) alternative see Sedghi, Gupta & Long (2019), "The Singular Values of Convolutional
-    Layers", whose circular-convolution norm bounds the zero-padded one.
+    Layers", whose circular-convolution norm bounds the zero-padded one: that bound
+    (``circular_conv_norm``) is used instead above ``_LANCZOS_MAX`` input entries, where it is
+    both cheaper and near-exact.
     """
     if len(input_shape) != 3:
         raise UsageError(
             f"Conv2d expects a C x H x W input per sample, got shape {list(input_shape)}"
         )
+    n = int(math.prod(input_shape))
+    if n > _LANCZOS_MAX and (bound := circular_conv_norm(conv, input_shape)) is not None:
+        return bound
     w = conv.weight.detach().double()
     op = _conv_map(conv, w)
     x0 = torch.zeros((1, *input_shape), dtype=torch.float64, device=w.device)
     _, pullback = vjp(op, x0)  # linear map: its adjoint does not depend on x0
-    n = int(math.prod(input_shape))
     if n <= _DENSE_MAX:
         eye = torch.eye(n, dtype=torch.float64, device=w.device).view(n, *input_shape)
         dense = op(eye).reshape(n, -1).T  # column j = A e_j
@@ -222,6 +230,35 @@ def conv_operator_norm(conv: nn.Conv2d, input_shape: tuple[int, ...], *, seed: i
         v0 = np.random.default_rng(seed).standard_normal(n)
         lam = eigsh(lin, k=1, which="LA", tol=1e-9, v0=v0, return_eigenvectors=False)[0]
     return math.sqrt(max(float(lam), 0.0)) * (1.0 + CONV_NORM_MARGIN)
+
+
+def circular_conv_norm(conv: nn.Conv2d, input_shape: tuple[int, ...]) -> float | None:
+    """Certified upper bound of a zero-padded Conv2d's operator norm at ``input_shape``: the exact
+    norm of the circular convolution with the same kernel on an (H + p_h) x (W + p_w) grid, or
+    None where the layer is not of the form it covers (stride 1, dilation 1, one group, zero
+    padding p <= k - 1).
+
+    The zero-padded conv is that circular conv applied to x embedded in the larger grid and
+    restricted to the output positions (the wrap-around only reads padding zeros), so its norm is
+    at most the circular one. A circular conv is diagonalised by the 2-D DFT: its singular values
+    are those of the C_out x C_in matrices W^(f) = sum_a w[:, :, a] e^{-2 pi i <f, a> / N} over the
+    grid's frequencies f (Sedghi, Gupta & Long 2019, "The Singular Values of Convolutional
+    Layers", Theorem 6), computed here as one batched SVD in float64. It approaches the zero-padded
+    norm as the image grows (the boundary is a vanishing share of the positions)."""
+    pad = conv.padding
+    if (
+        isinstance(pad, str)
+        or conv.stride != (1, 1)
+        or conv.dilation != (1, 1)
+        or conv.groups != 1
+        or conv.padding_mode != "zeros"
+        or any(p > k - 1 for p, k in zip(pad, conv.kernel_size, strict=True))
+    ):
+        return None
+    grid = tuple(n + p for n, p in zip(input_shape[1:], pad, strict=True))
+    spectrum = torch.fft.fft2(conv.weight.detach().double(), s=grid)  # (C_out, C_in, *grid)
+    per_frequency = spectrum.permute(2, 3, 0, 1)  # (*grid, C_out, C_in)
+    return float(torch.linalg.matrix_norm(per_frequency, ord=2).max())
 
 
 def upsample_operator_norm(
