@@ -19,6 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def pixel_budget_batch(sample_shape: tuple[int, ...], batch: int, pixels: int, least: int) -> int:
+    """``batch`` samples, or for images of more than ``pixels`` pixels (H x W) as many as hold
+    ``batch * pixels`` pixels, at least ``least``: the rule of every default batch on images
+    (train-dae, measure's fit and proxies, compare's feature network), so that a step's time
+    and memory do not grow with the image area. Vectors get ``batch``."""
+    area = math.prod(sample_shape[-2:]) if len(sample_shape) == 3 else 1
+    return batch if area <= pixels else max(least, batch * pixels // area)
+
+
 def padded_size(h: int, w: int, factor: int) -> tuple[int, int]:
     """The next multiples of ``factor``: ``(ceil(h / f) * f, ceil(w / f) * f)``."""
     return math.ceil(h / factor) * factor, math.ceil(w / factor) * factor

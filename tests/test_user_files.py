@@ -278,6 +278,12 @@ def test_default_fitting_batch_keeps_the_pixels_per_step():
     assert fit_batch_size(None, (3, 96, 96), rows, rows) == 28
     assert fit_batch_size(None, (1, 28, 28), rows, rows) == 150
     assert fit_batch_size(64, (3, 96, 96), rows, rows) == 64
+    # one rule for every default batch on images (train-dae's, the feature network's)
+    from latentdist._shapes import pixel_budget_batch
+    from latentdist.dae.config import default_batch_size
+
+    assert default_batch_size((1, 250, 250)) == pixel_budget_batch((1, 250, 250), 64, 4096, 4) == 4
+    assert pixel_budget_batch((3, 64, 64), 128, 1024, 16) == 32  # the feature network at 64x64
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+from latentdist._shapes import pixel_budget_batch
 from latentdist.errors import UsageError
 
 # Fields that may differ between a run and its resumption (all but lr/grad_clip leave the numbers alone).
@@ -37,10 +38,7 @@ def default_batch_size(sample_shape: tuple[int, ...], world_size: int = 1) -> in
     the same pixels per step at every image size, so that a step's time and memory do not grow
     with the image area (250 x 250 photos: 4 per step, not 64 taking ~8 GB on a CPU). Rounded
     up to a multiple of the torchrun process count."""
-    pixels = math.prod(sample_shape[-2:]) if len(sample_shape) == 3 else 1
-    batch = DEFAULT_BATCH
-    if pixels > DEFAULT_BATCH_PIXELS:
-        batch = max(MIN_DEFAULT_BATCH, DEFAULT_BATCH * DEFAULT_BATCH_PIXELS // pixels)
+    batch = pixel_budget_batch(sample_shape, DEFAULT_BATCH, DEFAULT_BATCH_PIXELS, MIN_DEFAULT_BATCH)
     return -(-batch // world_size) * world_size
 
 

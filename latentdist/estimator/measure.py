@@ -12,7 +12,6 @@ docs/concepts.md).
 
 from __future__ import annotations
 
-import math
 import platform
 import time
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from latentdist._progress import progress_bar as tqdm
+from latentdist._shapes import pixel_budget_batch
 from latentdist.device import resolve_device
 from latentdist.discrepancy import METRICS as _ALL_METRICS
 from latentdist.discrepancy import NEEDS_FIT, below_floor_cause, median_bandwidth
@@ -625,10 +625,7 @@ def default_fit_batch(data_shape: Sequence[int]) -> int:
     the pixels per step of a CIFAR-sized batch at every image size, so that a conv sweep on
     photographs finishes on a CPU (96 x 96: 28 rows; 250 x 250: 16). The rule of train-dae's
     default batch (``latentdist.dae.config.default_batch_size``)."""
-    pixels = math.prod(data_shape[-2:]) if len(data_shape) == 3 else 1
-    if pixels <= FIT_BATCH_PIXELS:
-        return FIT_BATCH
-    return max(MIN_FIT_BATCH, FIT_BATCH * FIT_BATCH_PIXELS // pixels)
+    return pixel_budget_batch(tuple(data_shape), FIT_BATCH, FIT_BATCH_PIXELS, MIN_FIT_BATCH)
 
 
 def fit_batch_size(

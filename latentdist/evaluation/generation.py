@@ -24,6 +24,7 @@ from sklearn.neighbors import NearestNeighbors
 from threadpoolctl import threadpool_limits
 from torch import nn
 
+from latentdist._shapes import pixel_budget_batch
 from latentdist.data.source import DataSource
 from latentdist.discrepancy import w2
 from latentdist.errors import UsageError
@@ -406,11 +407,15 @@ def train_feature_net(
     steps: int = 500,
     seed: int = 0,
     *,
-    batch_size: int = 128,
+    batch_size: int | None = None,
     lr: float = 1e-3,
     noise: float = 0.2,
 ) -> FeatureNet:
     """Train the default feature space on ``source`` (CPU; returns the net in eval mode).
+
+    ``batch_size`` defaults to 128, or for images above 32 x 32 pixels as many as hold the
+    pixels of 128 such images (at least 16: ``latentdist._shapes.pixel_budget_batch``), so that
+    training it on photographs costs what it costs on CIFAR-sized images.
 
     With labels (``source.labels``, as the built-ins carry): a classifier, cross-entropy on
     ``head(features)``; features are its penultimate layer (as Inception features are for FID).
@@ -419,6 +424,8 @@ def train_feature_net(
     standardised on (up to 5000 of) the training rows (``FeatureNet.standardise``).
     """
     labels = getattr(source, "labels", None)
+    if batch_size is None:
+        batch_size = pixel_budget_batch(tuple(source.sample_shape), 128, 32 * 32, 16)
     torch.manual_seed(seed)
     data = source.take()
     if labels is not None:
