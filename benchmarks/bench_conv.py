@@ -48,15 +48,15 @@ DESIGNS = {  # name: (halve channels, channels-last)
 
 @contextmanager
 def design(halve: bool, channels_last: bool):
-    width, layout = modules.conv_level_width, ensemble_module._channels_last
+    width, layout = modules.conv_level_width, ensemble_module.channels_last
     if not halve:
         modules.conv_level_width = lambda w, level: w
     if not channels_last:
-        ensemble_module._channels_last = lambda t: t
+        ensemble_module.channels_last = lambda t: t
     try:
         yield
     finally:
-        modules.conv_level_width, ensemble_module._channels_last = width, layout
+        modules.conv_level_width, ensemble_module.channels_last = width, layout
 
 
 def step_seconds(latent, image, batch, device, repeats) -> float:

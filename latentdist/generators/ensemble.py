@@ -42,7 +42,8 @@ def _prefix(shape: Sequence[int]) -> tuple[slice, ...]:
     return tuple(slice(0, n) for n in shape)
 
 
-def _channels_last(t: torch.Tensor) -> torch.Tensor:
+def channels_last(t: torch.Tensor) -> torch.Tensor:
+    """A 4-D tensor in channels-last layout (oneDNN's fast conv backward on CPU); others as is."""
     return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
 
 
@@ -107,13 +108,13 @@ class _Bucket(nn.Module):
         if self.family == "conv" and z.device.type == "cpu":
             # vmap turns per-member convolutions into grouped ones, which PyTorch's CPU kernels
             # run 2-3x slower than one plain call per member on the same stacked parameters;
-            # channels-last tensors take oneDNN's fast backward (2-4x, bench_sweep --conv)
+            # channels-last tensors take oneDNN's fast backward (2-4x, benchmarks/bench_conv.py)
             return torch.stack(
                 [
                     functional_call(
                         call,
-                        {n: _channels_last(w[i]) for n, w in params.items()},
-                        (_channels_last(z[i]),),
+                        {n: channels_last(w[i]) for n, w in params.items()},
+                        (channels_last(z[i]),),
                     )
                     for i in range(len(z))
                 ]

@@ -112,9 +112,10 @@ def conv_generator(
     channels = width
     for level in range(1, k + 1):
         layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
+        out = conv_level_width(width, level)
         for _ in range(depth):
-            layers += [nn.Conv2d(channels, conv_level_width(width, level), 3, padding=1), nn.ReLU()]
-            channels = conv_level_width(width, level)
+            layers += [nn.Conv2d(channels, out, 3, padding=1), nn.ReLU()]
+            channels = out
     if k == 0:
         for _ in range(depth - 1):
             layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]

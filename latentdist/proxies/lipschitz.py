@@ -27,6 +27,7 @@ from torch.func import jvp, vjp
 
 from latentdist._shapes import Crop
 from latentdist.errors import UsageError
+from latentdist.generators.ensemble import channels_last
 from latentdist.generators.modules import SumOfPaths
 
 # Relative safety margin on Lanczos estimates of conv operator norms (see ``conv_operator_norm``).
@@ -75,8 +76,7 @@ def _chunks(z: torch.Tensor, chunk_size: int | None) -> Iterator[tuple[torch.Ten
     """(row indices, rows) in chunks of ``chunk_size`` (all at once for None); image latents
     channels-last, which takes oneDNN's fast convolution backward on CPU (2-4x for conv)."""
     for rows in torch.arange(len(z), device=z.device).split(chunk_size or len(z)):
-        x = z[rows]
-        yield rows, x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+        yield rows, channels_last(z[rows])
 
 
 def _jvp_rows(g: nn.Module, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
