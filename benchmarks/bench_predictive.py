@@ -124,7 +124,7 @@ def shared_features(data: str, folder: str, steps: int, out: str) -> str:
     import torch
 
     from latentdist.data import load_data
-    from latentdist.evaluation.compare import RunSpec, _held_out, _subset
+    from latentdist.evaluation.compare import RunSpec, _held_out
     from latentdist.evaluation.generation import train_feature_net
 
     path = Path(out) / "features.pt"
@@ -134,8 +134,8 @@ def shared_features(data: str, folder: str, steps: int, out: str) -> str:
     spec = RunSpec.from_dir(folder)
     val, _, _ = _held_out(spec, len(src), src.fingerprint(), tuple(src.sample_shape))
     rows = np.setdiff1d(np.arange(len(src)), val)
-    net = train_feature_net(_subset(src, rows), steps=steps, seed=0)
-    torch.jit.trace(net, src.take()[:2]).save(str(path))
+    net = train_feature_net(src, steps=steps, seed=0, rows=rows)
+    torch.jit.trace(net, src.take(slice(0, 2))).save(str(path))
     return str(path)
 
 

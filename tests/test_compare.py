@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from latentdist.cli.compare import compare as compare_cmd
 from latentdist.data import load_data
 from latentdist.errors import UsageError
+from latentdist.estimator.measure import MeasureConfig
 from latentdist.evaluation.compare import GENERATION_KEYS, RunSpec, _held_out
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -215,3 +216,64 @@ def test_fingerprint_mismatch_warns_and_falls_back(runs):
     assert len(warnings) == 1 and "fingerprint" in warnings[0]
     val, where, warnings = _held_out(spec, len(src), src.fingerprint(), src.sample_shape)
     assert warnings == [] and val.tolist() == spec.run["split"]["val_indices"]
+
+
+class _GuardedRows:
+    """An array that records how many rows each read takes and refuses to be read whole."""
+
+    def __init__(self, array: np.ndarray):
+        self.array, self.shape, self.dtype, self.ndim = array, array.shape, array.dtype, array.ndim
+        self.reads: list[int] = []
+        self.recording = True
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, index):
+        out = self.array[index]
+        if self.recording:
+            self.reads.append(1 if np.ndim(out) == self.ndim - 1 else len(out))
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        raise AssertionError("the whole data set was read at once")
+
+
+def test_compare_reads_the_data_a_batch_at_a_time(runs, monkeypatch):
+    """Compare never reads the whole data set at once (measure's rows streamed, as for a folder
+    larger than memory: test_streaming.py); outside measure it reads at most the held-out rows
+    at once. Its values are those of the whole array: the data range of digits ([-1, 1]) and
+    the reconstruction error computed independently."""
+    import latentdist
+    from latentdist.evaluation.compare import compare
+
+    monkeypatch.setenv("LATENTDIST_STREAM_ROWS", "1")
+    src = load_data("digits")
+    x_all = src.take()
+    src.array = guarded = _GuardedRows(src.array)
+
+    def unrecorded_measure(*args, measure=latentdist.measure, **kwargs):
+        guarded.recording = False
+        try:
+            return measure(*args, **kwargs)
+        finally:
+            guarded.recording = True
+
+    monkeypatch.setattr(latentdist, "measure", unrecorded_measure)
+    run = json.loads((runs / "dae" / "run.json").read_text())
+    n_val = run["split"]["n_val"]
+    cfg = MeasureConfig(capacities=(4,), steps=5, n_eval=50, seeds=1, proxies=False)
+    result = compare(
+        [runs / "dae"], src, measure_config=cfg, gen_seeds=1, feature_steps=5,
+        prior_components=2, probe_steps=5, encode_batch_size=64, device="cpu", progress=False,
+    )  # fmt: skip
+    assert max(guarded.reads) <= n_val < len(src)
+    report = result.report
+    assert report["data"]["range"] == 2.0 and report["data"]["min"] == float(x_all.min())
+    val = np.asarray(run["split"]["val_indices"])
+    enc = torch.jit.load(str(runs / "dae" / "encoder.pt"))
+    dec = torch.jit.load(str(runs / "dae" / "decoder.pt"))
+    with torch.no_grad():
+        mse = float(((dec(enc(x_all[val])) - x_all[val]) ** 2).double().mean())
+    assert report["runs"][0]["reconstruction"]["mse"] == pytest.approx(mse, rel=1e-5)
+    assert _finite(report["runs"][0]["probe"]["fd"]["mean"])

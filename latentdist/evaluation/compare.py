@@ -29,14 +29,13 @@ values are comparable across runs.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,6 +44,9 @@ from latentdist.errors import UsageError
 from latentdist.estimator.measure import MeasureConfig
 from latentdist.estimator.stats import mean_ci
 from latentdist.evaluation.probe import PROBE_RECIPE, FlowPrior
+
+if TYPE_CHECKING:
+    from latentdist.data import DataSource
 
 GENERATION_KEYS = ("fd", "kid", "precision", "recall", "density", "coverage", "w2")
 FALLBACK_SPLIT = {"val_fraction": 0.1, "split_seed": 0}
@@ -183,12 +185,12 @@ def _held_out(
     return val, src, warnings
 
 
-def _subset(src: Any, rows: np.ndarray) -> Any:
-    """The rows ``rows`` of a DataSource, as a DataSource (labels kept)."""
-    labels = getattr(src, "labels", None)
-    return dataclasses.replace(
-        src, array=src.array[rows], labels=None if labels is None else np.asarray(labels)[rows]
-    )
+def _value_range(src: DataSource, batch_size: int) -> tuple[float, float]:
+    """The smallest and largest value in the data, read a batch at a time."""
+    lo, hi = math.inf, -math.inf
+    for xb in src.batches(batch_size):
+        lo, hi = min(lo, float(xb.min())), max(hi, float(xb.max()))
+    return lo, hi
 
 
 def _count_params(module: Any) -> int:
@@ -285,8 +287,8 @@ def compare(
     dev = resolve_device(device)
     src = data if isinstance(data, DataSource) else load_data(data, trust_pickle=trust_pickle)
     n, shape, fingerprint = len(src), tuple(src.sample_shape), src.fingerprint()
-    x_all = src.take()
-    data_range = float(x_all.max() - x_all.min()) or 1.0
+    x_min, x_max = _value_range(src, encode_batch_size)
+    data_range = (x_max - x_min) or 1.0
 
     held: dict[str, tuple[np.ndarray, str]] = {}
     warnings: list[str] = []
@@ -307,9 +309,7 @@ def compare(
     else:
         train_rows = np.flatnonzero(~in_any_val) if (~in_any_val).any() else np.arange(n)
         extractor = distributed.on_main(  # under torchrun: rank 0's, sent to every rank
-            lambda: gen.train_feature_net(
-                _subset(src, train_rows), steps=feature_steps, seed=cfg.seed
-            )
+            lambda: gen.train_feature_net(src, steps=feature_steps, seed=cfg.seed, rows=train_rows)
         )
         supervised = getattr(src, "labels", None) is not None
         features_info = {
@@ -345,7 +345,7 @@ def compare(
             raise UsageError(
                 f"{s.decoder}: not a TorchScript decoder ({type(e).__name__})"
             ) from None
-        x_val = x_all[val]
+        x_val = src.take(val)
         try:
             x_hat = _decode(decoder, z[val], dev, encode_batch_size)
         except Exception as e:  # noqa: BLE001
@@ -471,8 +471,8 @@ def compare(
             "shape": list(shape),
             "rows": n,
             "fingerprint": fingerprint,
-            "min": float(x_all.min()),
-            "max": float(x_all.max()),
+            "min": x_min,
+            "max": x_max,
             "range": data_range,
         },
         "measure_config": {**asdict(cfg), "capacities": list(cfg.capacities)},

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -390,14 +391,15 @@ class FeatureNet(nn.Module):
         return (self.trunk(x) - self.shift) / self.scale
 
     @torch.no_grad()
-    def standardise(self, x: torch.Tensor) -> None:
-        """shift = the mean feature on ``x``; scale = the root mean per-dimension variance.
+    def standardise(self, batches: Iterable[torch.Tensor]) -> None:
+        """shift = the mean feature over the samples of ``batches``; scale = the root mean
+        per-dimension variance.
 
         One scale for all dimensions keeps the feature geometry (FD scales by 1/scale^2); it
         fixes the size that training happened to give the features, which otherwise varies by
         orders of magnitude between seeds and puts KID's cubic kernel out of range.
         """
-        f = extract_features(self.trunk, x)
+        f = torch.cat([extract_features(self.trunk, x) for x in batches])
         self.shift.copy_(f.mean(0))
         self.scale.copy_(f.var(0).mean().sqrt().clamp_min(1e-12))
 
@@ -407,11 +409,14 @@ def train_feature_net(
     steps: int = 500,
     seed: int = 0,
     *,
+    rows: np.ndarray | None = None,
     batch_size: int | None = None,
     lr: float = 1e-3,
     noise: float = 0.2,
 ) -> FeatureNet:
-    """Train the default feature space on ``source`` (CPU; returns the net in eval mode).
+    """Train the default feature space on the rows ``rows`` of ``source`` (default all; CPU;
+    returns the net in eval mode). Rows are read a batch at a time (``source.take``), so an
+    image folder larger than memory is never decoded whole.
 
     ``batch_size`` defaults to 128, or for images above 32 x 32 pixels as many as hold the
     pixels of 128 such images (at least 16: ``latentdist._shapes.pixel_budget_batch``), so that
@@ -427,21 +432,22 @@ def train_feature_net(
     if batch_size is None:
         batch_size = pixel_budget_batch(tuple(source.sample_shape), 128, 32 * 32, 16)
     torch.manual_seed(seed)
-    data = source.take()
+    rows = np.arange(len(source)) if rows is None else np.asarray(rows)
+    chunk = batch_size  # rows per read outside the training loop too
     if labels is not None:
         y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-        if len(y) != len(data):
-            raise UsageError(f"{source.name}: {len(y)} labels for {len(data)} samples")
-        net = FeatureNet(source.sample_shape, int(y.max()) + 1)
+        if len(y) != len(source):
+            raise UsageError(f"{source.name}: {len(y)} labels for {len(source)} samples")
+        net = FeatureNet(source.sample_shape, int(y[rows].max()) + 1)
     else:
         net = FeatureNet(source.sample_shape, math.prod(source.sample_shape))
-    std = float(data.std())
+        std = _streamed_std(source, rows, chunk)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     net.train()
     for _ in range(steps):
-        idx = torch.randint(len(data), (min(batch_size, len(data)),), generator=gen)
-        xb = data[idx]
+        idx = rows[torch.randint(len(rows), (min(batch_size, len(rows)),), generator=gen)]
+        xb = source.take(idx)
         if labels is not None:
             loss = nn.functional.cross_entropy(net.head(net.trunk(xb)), y[idx])
         else:
@@ -451,8 +457,21 @@ def train_feature_net(
         loss.backward()
         opt.step()
     net.eval()
-    net.standardise(data[torch.randperm(len(data), generator=gen)[:5000]])
+    picked = rows[torch.randperm(len(rows), generator=gen)[:5000].numpy()]
+    net.standardise(source.take(picked[i : i + chunk]) for i in range(0, len(picked), chunk))
     return net
+
+
+def _streamed_std(source: DataSource, rows: np.ndarray, chunk: int) -> float:
+    """The standard deviation (n - 1) of every entry of the rows ``rows``, read ``chunk`` rows
+    at a time and summed in float64."""
+    total = squares = 0.0
+    for i in range(0, len(rows), chunk):
+        block = source.take(rows[i : i + chunk]).double()
+        total += float(block.sum())
+        squares += float(block.square().sum())
+    n = len(rows) * math.prod(source.sample_shape)
+    return math.sqrt(max(squares - total * total / n, 0.0) / max(n - 1, 1))
 
 
 def load_feature_extractor(path: str | os.PathLike) -> nn.Module:
