@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 import torch
 
+from latentdist.cli.measure import THREADS_OPTION
 from latentdist.cli_context import CONTEXT
 from latentdist.errors import UsageError
 
@@ -60,9 +61,7 @@ def _metric_names() -> list[str]:
 @click.option(
     "--trust-pickle", is_flag=True, help="Allow unpickling files (only for files you trust)."
 )
-@click.option(
-    "--threads", type=int, default=None, help="CPU threads for torch [default: torch's choice]."
-)
+@THREADS_OPTION
 @click.option("--out", type=click.Path(file_okay=False), help="Write distance.json here.")
 @click.option(
     "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
@@ -82,8 +81,6 @@ def distance(samples: str, reference: str, **o) -> None:
     from latentdist.evaluation.distance import sample_distance
 
     if o["threads"] is not None:
-        if o["threads"] < 1:
-            raise UsageError(f"--threads {o['threads']}: expected a positive integer")
         torch.set_num_threads(o["threads"])
     if o["feature_steps"] < 1:
         raise UsageError(f"--feature-steps {o['feature_steps']}: expected an integer >= 1")

@@ -17,6 +17,15 @@ from latentdist.estimator.measure import (
     MeasureConfig,
 )
 
+# --threads of every command that fits or scores (measure, compare, distance)
+THREADS_OPTION = click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads for torch [default: torch's choice]; a fit's assignment solver uses as "
+    "many. On a shared machine fewer threads can be many times faster.",
+)
+
 
 def parse_capacities(text: str | None) -> tuple[int, ...] | None:
     if text is None:
@@ -145,13 +154,7 @@ def measurement_options(f):
             show_default=True,
         ),
         click.option("--seed", type=int, default=0, show_default=True, help="First seed."),
-        click.option(
-            "--threads",
-            type=int,
-            default=None,
-            help="CPU threads for torch and for the assignment solver [default: torch's "
-            "choice]. On a shared machine fewer threads can be many times faster.",
-        ),
+        THREADS_OPTION,
     ]
     for option in reversed(options):
         f = option(f)
@@ -161,8 +164,6 @@ def measurement_options(f):
 def config_from_options(o: dict) -> MeasureConfig:
     """The validated measurement configuration; also applies ``--threads`` to this process."""
     if o["threads"] is not None:
-        if o["threads"] < 1:
-            raise UsageError(f"--threads {o['threads']}: expected a positive integer")
         torch.set_num_threads(o["threads"])
     return MeasureConfig(
         generator=o["generator"],
