@@ -433,7 +433,6 @@ def train_feature_net(
         batch_size = pixel_budget_batch(tuple(source.sample_shape), 128, 32 * 32, 16)
     torch.manual_seed(seed)
     rows = np.arange(len(source)) if rows is None else np.asarray(rows)
-    chunk = batch_size  # rows per read outside the training loop too
     if labels is not None:
         y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
         if len(y) != len(source):
@@ -441,7 +440,7 @@ def train_feature_net(
         net = FeatureNet(source.sample_shape, int(y[rows].max()) + 1)
     else:
         net = FeatureNet(source.sample_shape, math.prod(source.sample_shape))
-        std = _streamed_std(source, rows, chunk)
+        std = _streamed_std(source, rows, batch_size)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     net.train()
@@ -458,7 +457,9 @@ def train_feature_net(
         opt.step()
     net.eval()
     picked = rows[torch.randperm(len(rows), generator=gen)[:5000].numpy()]
-    net.standardise(source.take(picked[i : i + chunk]) for i in range(0, len(picked), chunk))
+    net.standardise(
+        source.take(picked[i : i + batch_size]) for i in range(0, len(picked), batch_size)
+    )
     return net
 
 
