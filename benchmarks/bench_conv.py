@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import markdown_table, write_result  # noqa: E402
 
-from latentdist.estimator.measure import DEFAULT_CAPACITIES, MeasureConfig, default_fit_batch  # noqa: E402
+from latentdist.estimator import DEFAULT_CAPACITIES, MeasureConfig, default_fit_batch  # noqa: E402
 from latentdist.generators import ensemble as ensemble_module  # noqa: E402
 from latentdist.generators import modules  # noqa: E402
 from latentdist.generators.ensemble import GeneratorEnsemble  # noqa: E402

@@ -124,15 +124,15 @@ def shared_features(data: str, folder: str, steps: int, out: str) -> str:
     import torch
 
     from latentdist.data import load_data
-    from latentdist.evaluation.compare import RunSpec, _held_out
-    from latentdist.evaluation.generation import train_feature_net
+    from latentdist.discrepancy import train_feature_net
+    from latentdist.evaluation.compare import RunSpec, held_out_rows
 
     path = Path(out) / "features.pt"
     if path.is_file():  # a kept run's network (--keep): FD stays comparable with its runs
         return str(path)
     src = load_data(data)
     spec = RunSpec.from_dir(folder)
-    val, _, _ = _held_out(spec, len(src), src.fingerprint(), tuple(src.sample_shape))
+    val, _, _ = held_out_rows(spec, len(src), src.fingerprint(), tuple(src.sample_shape))
     rows = np.setdiff1d(np.arange(len(src)), val)
     net = train_feature_net(src, steps=steps, seed=0, rows=rows)
     torch.jit.trace(net, src.take(slice(0, 2))).save(str(path))
@@ -260,7 +260,7 @@ def main() -> None:
 
     import torch
 
-    from latentdist.estimator.measure import MeasureConfig
+    from latentdist.estimator import MeasureConfig
 
     small = args.small
     data = "digits" if small else "mnist5k"

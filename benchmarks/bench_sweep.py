@@ -27,9 +27,9 @@ from common import markdown_table, write_result  # noqa: E402
 
 from latentdist import load_data, measure  # noqa: E402
 from latentdist.discrepancy import median_bandwidth  # noqa: E402
+from latentdist.estimator import DEFAULT_CAPACITIES, MeasureConfig  # noqa: E402
 from latentdist.estimator import fit as fit_module  # noqa: E402
 from latentdist.estimator.fit import FitSettings, fit_ensemble  # noqa: E402
-from latentdist.estimator.measure import DEFAULT_CAPACITIES, MeasureConfig  # noqa: E402
 from latentdist.estimator.split import make_split  # noqa: E402
 from latentdist.generators.ensemble import GeneratorEnsemble, default_bucket_ratio  # noqa: E402
 

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import markdown_table, write_result  # noqa: E402
 
 from latentdist.dae import TrainConfig, build_models, train  # noqa: E402
+from latentdist.dae.data import BatchStream, split_indices  # noqa: E402
 from latentdist.dae.models import data_statistics  # noqa: E402
-from latentdist.dae.train import BatchStream, split_indices  # noqa: E402
 from latentdist.data import load_data  # noqa: E402
 
 # dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from NVIDIA's data sheets

@@ -47,8 +47,8 @@ from common import RESULTS, markdown_table, write_result  # noqa: E402
 
 import latentdist as ld  # noqa: E402
 from latentdist.discrepancy import METRICS  # noqa: E402
+from latentdist.estimator import MeasureConfig  # noqa: E402
 from latentdist.estimator.fit import FITS  # noqa: E402
-from latentdist.estimator.measure import MeasureConfig  # noqa: E402
 from latentdist.evaluation.distance import sample_distances  # noqa: E402
 from latentdist.evaluation.validity import (  # noqa: E402
     DEGRADATIONS,
@@ -157,7 +157,7 @@ def v1(small: bool) -> str:
     cov_q[-1, -1] = 4.0
     q_cov_rows = (rng.standard_normal((2000, dim)) @ np.sqrt(cov_q) + mu).astype(np.float32)
     if "fd" in METRICS:
-        from latentdist.evaluation.generation import frechet_distance_gaussians
+        from latentdist.discrepancy import frechet_distance_gaussians
 
         exact = frechet_distance_gaussians(mu, cov_q, np.zeros(dim), np.eye(dim))
         r = sample_distances(

@@ -7,12 +7,11 @@
 >>> result.to_frame(); result.plot()
 """
 
-__version__ = "0.1.0"
-
-from latentdist.data import DataSource, load_data  # noqa: E402
-from latentdist.data.encoders import Encoder, load_encoder  # noqa: E402
-from latentdist.estimator import MeasureConfig, MeasureResult, measure  # noqa: E402
-from latentdist.evaluation.distance import DistanceResult, sample_distance  # noqa: E402
+from latentdist.data import DataSource, load_data
+from latentdist.data.encoders import Encoder, load_encoder
+from latentdist.estimator import MeasureConfig, MeasureResult, measure
+from latentdist.evaluation.distance import DistanceResult, sample_distance
+from latentdist.versions import __version__
 
 __all__ = [
     "DataSource",

@@ -35,10 +35,14 @@ class LogBar(tqdm):
     last line, and transient ``leave=False`` bars not even that).
     """
 
-    def __init__(self, *args: Any, file: Any = None, interval: float = LOG_INTERVAL_S, **kw: Any):
-        self._log, self._interval = file if file is not None else sys.stderr, interval
+    def __init__(self, *args: Any, file: Any = None, interval: float | None = None, **kw: Any):
+        self._log = file if file is not None else sys.stderr
+        self._interval = LOG_INTERVAL_S if interval is None else interval
         self._last_line = time.monotonic()
         kw.setdefault("ncols", 100)
+        kw.setdefault(
+            "mininterval", 0.0
+        )  # the interval above throttles; tqdm's own would hide updates
         super().__init__(*args, file=_Discard(), **kw)
 
     def display(self, msg: str | None = None, pos: int | None = None) -> bool:

@@ -13,8 +13,10 @@ from click.testing import CliRunner
 from latentdist.cli.compare import compare as compare_cmd
 from latentdist.data import load_data
 from latentdist.errors import UsageError
-from latentdist.estimator.measure import MeasureConfig
-from latentdist.evaluation.compare import GENERATION_KEYS, RunSpec, _held_out
+from latentdist.estimator import MeasureConfig
+from latentdist.evaluation import compare as compare_module
+from latentdist.evaluation.compare import GENERATION_KEYS, RunSpec
+from latentdist.evaluation.compare import held_out_rows as _held_out
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = dict(
@@ -244,7 +246,6 @@ def test_compare_reads_the_data_a_batch_at_a_time(runs, monkeypatch):
     larger than memory: test_streaming.py); outside measure it reads at most the held-out rows
     at once. Its values are those of the whole array: the data range of digits ([-1, 1]) and
     the reconstruction error computed independently."""
-    import latentdist
     from latentdist.evaluation.compare import compare
 
     monkeypatch.setenv("LATENTDIST_STREAM_ROWS", "1")
@@ -252,14 +253,14 @@ def test_compare_reads_the_data_a_batch_at_a_time(runs, monkeypatch):
     x_all = src.take()
     src.array = guarded = _GuardedRows(src.array)
 
-    def unrecorded_measure(*args, measure=latentdist.measure, **kwargs):
+    def unrecorded_measure(*args, measure=compare_module.measure, **kwargs):
         guarded.recording = False
         try:
             return measure(*args, **kwargs)
         finally:
             guarded.recording = True
 
-    monkeypatch.setattr(latentdist, "measure", unrecorded_measure)
+    monkeypatch.setattr(compare_module, "measure", unrecorded_measure)
     run = json.loads((runs / "dae" / "run.json").read_text())
     n_val = run["split"]["n_val"]
     cfg = MeasureConfig(capacities=(4,), steps=5, n_eval=50, seeds=1, proxies=False)

@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 
 from latentdist.dae import NonFiniteLossError, TrainConfig, build_models, split_indices, train
 from latentdist.dae.__main__ import main as cli_main
+from latentdist.dae.data import BatchStream
 from latentdist.dae.losses import PerceptualLoss, adaptive_weight, hinge_d_loss
-from latentdist.dae.models import count_params
-from latentdist.dae.train import BatchStream
 from latentdist.data import load_data
+from latentdist.generators.modules import count_params
 from tests._cli import launch_failure, torchrun
 
 REPO = Path(__file__).resolve().parents[1]
@@ -441,7 +441,7 @@ def test_train_data_normalises_on_the_models_device(monkeypatch, preload):
 
     from latentdist.dae.models import data_statistics
 
-    train_module = importlib.import_module("latentdist.dae.train")  # the package re-exports train()
+    train_module = importlib.import_module("latentdist.dae.data")  # TrainData, _PRELOAD_BYTES
 
     if not preload:
         monkeypatch.setattr(train_module, "_PRELOAD_BYTES", 0)
@@ -473,7 +473,7 @@ def test_models_to_moves_every_network_the_denormaliser_too():
 
 
 def test_more_cuda_processes_than_gpus_is_a_usage_error(monkeypatch):
-    from latentdist.dae import distributed as dist_util
+    from latentdist import parallel as dist_util
     from latentdist.errors import UsageError
 
     for k, v in {

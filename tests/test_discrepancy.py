@@ -13,7 +13,6 @@ from scipy.stats import wasserstein_distance
 from latentdist.discrepancy import (
     METRICS,
     MMD_SCALES,
-    _exact_ot,
     critic,
     discrepancy,
     fd,
@@ -26,6 +25,7 @@ from latentdist.discrepancy import (
     w1,
     w2,
 )
+from latentdist.discrepancy.metrics import _exact_ot
 from latentdist.errors import UsageError
 
 

@@ -14,7 +14,8 @@ from scipy.ndimage import gaussian_filter
 import latentdist as ld
 from latentdist.discrepancy import METRICS, discrepancy, median_bandwidth
 from latentdist.errors import UsageError
-from latentdist.evaluation.distance import _train_features, distance_split, sample_distance
+from latentdist.estimator.split import distance_split
+from latentdist.evaluation.distance import _train_features, sample_distance
 
 UNBIASED = [m for m in ("mmd", "kid", "critic") if m in METRICS]
 
@@ -215,3 +216,23 @@ def test_intervals_over_resplits_carry_the_data_sampling_variability():
         widened += lo <= 0 <= hi
     assert plain / repeats < 0.88  # measured 0.835
     assert 0.92 <= widened / repeats <= 0.99  # measured 0.955
+
+
+def test_cli_progress_to_a_log_is_plain_lines(tmp_path, capsys, monkeypatch, digits_halves):
+    """With stderr not a terminal, `distance` writes whole progress lines, no carriage returns
+    (it used tqdm's own bar before, which floods logs with them)."""
+    import latentdist._progress as progress
+
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)  # a line at every update
+    smp, ref = digits_halves
+    np.save(tmp_path / "smp.npy", smp)
+    np.save(tmp_path / "ref.npy", ref)
+    code, _, err = run_cli(
+        ["distance", str(tmp_path / "smp.npy"), "--data", str(tmp_path / "ref.npy"),
+         "--n-eval", "100", "--seeds", "3"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if line.startswith("distance mmd")]
+    assert "\r" not in err and "\x1b" not in err
+    assert len(lines) >= 3 and "3/3" in lines[-1]

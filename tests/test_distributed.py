@@ -15,13 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from latentdist.estimator.distributed import (
-    deal,
-    plan_members,
-    shard_rows,
-    split_contiguous,
-)
-from latentdist.estimator.measure import MeasureConfig
+from latentdist.estimator import MeasureConfig
+from latentdist.estimator.sharding import plan_members
+from latentdist.parallel import deal, shard_rows, split_contiguous
 from tests._cli import launch_failure, run_cli
 from tests._cli import torchrun as _torchrun
 

@@ -486,7 +486,7 @@ def test_adversarial_fit_approaches_the_w1_optimum():
 
 
 def test_auto_generator_takes_conv_only_where_a_dense_map_is_too_large() -> None:
-    from latentdist.estimator.measure import MLP_PARAMS_LIMIT, choose_generator
+    from latentdist.estimator import MLP_PARAMS_LIMIT, choose_generator
 
     # MNIST under a /4 DAE: 4x7x7 -> 784, about 0.3M parameters at width 128
     assert choose_generator((4, 7, 7), (1, 28, 28))[0] == "mlp"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from latentdist.errors import UsageError
-from latentdist.evaluation.generation import kid
+from latentdist.evaluation.generation import kid_subsets as kid
 from latentdist.evaluation.probe import FlowPrior, ProbeRecipe
 
 SMALL = ProbeRecipe(steps=400, batch_size=256, lr=3e-3, width=128, sample_steps=32)

@@ -1,4 +1,4 @@
-"""Rows read on demand (``estimator/streaming.py``) give the result of rows held in memory."""
+"""Rows read on demand (``estimator/rows.py``) give the result of rows held in memory."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 import latentdist as ld
 from latentdist.data import load_data
-from latentdist.estimator.streaming import LazyRows, should_stream
+from latentdist.estimator.rows import LazyRows, should_stream
 
 
 def _strip(report: dict) -> dict:

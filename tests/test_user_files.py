@@ -220,7 +220,7 @@ def test_dae_decoder_of_encoder_keeps_any_image_size(size, factor):
     """The size rule: pad to multiples of --downsample, crop the decoder's output back."""
     from latentdist._shapes import latent_size
     from latentdist.dae import TrainConfig, build_models
-    from latentdist.dae.train import ExportDecoder, ExportEncoder
+    from latentdist.dae.export import ExportDecoder, ExportEncoder
 
     cfg = TrainConfig(base_width=4, downsample=factor, latent_channels=2, num_res_blocks=1)
     shape = (3, *size)
@@ -267,7 +267,8 @@ def test_conv_generator_halves_its_channels_per_upsampling_and_stays_nested():
 def test_default_fitting_batch_keeps_the_pixels_per_step():
     """256 rows up to 32 x 32 pixels (MNIST, CIFAR, vectors), then 256*1024/(H*W), at least 16;
     measure.json reports the batch used, capped by the fitting rows."""
-    from latentdist.estimator.measure import default_fit_batch, fit_batch_size
+    from latentdist.estimator.config import default_fit_batch
+    from latentdist.estimator.sweep import fit_batch_size
 
     assert default_fit_batch((784,)) == default_fit_batch((1, 28, 28)) == 256
     assert default_fit_batch((3, 32, 32)) == 256

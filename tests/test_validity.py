@@ -12,7 +12,7 @@ import pytest
 from sklearn.decomposition import PCA
 
 import latentdist as ld
-from latentdist.estimator.measure import MeasureConfig
+from latentdist.estimator import MeasureConfig
 from latentdist.evaluation.distance import DEFAULT_METRIC
 from latentdist.evaluation.validity import (
     DEGRADATIONS,

@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from latentdist.cli_context import CONTEXT
+from latentdist.cli.options import CONTEXT
 from latentdist.errors import UsageError
 
 

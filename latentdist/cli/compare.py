@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import click
 
-from latentdist.cli.measure import config_from_options, image_options_of, measurement_options
-from latentdist.cli_context import CONTEXT
-from latentdist.data.files import image_options
+from latentdist import parallel
+from latentdist.cli.options import (
+    CONTEXT,
+    config_from_options,
+    image_options,
+    image_options_of,
+    measurement_options,
+)
+from latentdist.data import load_data
 from latentdist.errors import UsageError
+from latentdist.evaluation.compare import CompareConfig, CompareResult, RunSpec
+from latentdist.evaluation.compare import compare as run_compare
 
 
 @click.command("compare", context_settings=CONTEXT)
@@ -81,11 +89,9 @@ def compare(**o) -> None:
     Under torchrun (torchrun --nproc-per-node N -m latentdist compare ...) the measurement and
     the encoding are split across the processes; rank 0 writes (docs/distributed.md).
     """
-    from latentdist.estimator import distributed
-
-    with distributed.session(o["device"]) as group:  # under torchrun: the process group
+    with parallel.session(o["device"]) as group:  # under torchrun: the process group
         # a failure on any rank stops every rank with its message, before anything is written
-        result = distributed.check(lambda: _compare(o))
+        result = parallel.check(lambda: _compare(o))
         if group is not None and not group.is_main:
             return  # rank 0 alone writes and prints
     result.save(o["out"])
@@ -94,25 +100,13 @@ def compare(**o) -> None:
         click.echo(f"wrote {o['out']}/compare.json, report.md and figures")
 
 
-def _compare(o: dict):
-    from latentdist.estimator import distributed
-    from latentdist.evaluation.compare import RunSpec
-    from latentdist.evaluation.compare import compare as run_compare
-
+def _compare(o: dict) -> CompareResult:
     specs = [RunSpec.from_dir(d) for d in o["run_dirs"]]
     specs += [RunSpec.parse_pair(p) for p in o["pairs"]]
     if not specs:
         raise UsageError("compare: give at least one RUN_DIR or --pair NAME:ENCODER:DECODER")
-    cfg = config_from_options(o)
-    data = o["data"]
-    if o["channels"] != "auto" or o["resize"]:
-        from latentdist.data import load_data
-
-        data = load_data(data, trust_pickle=o["trust_pickle"], image=image_options_of(o))
-    result = run_compare(
-        specs,
-        data,
-        measure_config=cfg,
+    config = CompareConfig(
+        measure_config=config_from_options(o),
         gen_seeds=o["gen_seeds"],
         features=o["features"],
         feature_steps=o["feature_steps"],
@@ -124,6 +118,8 @@ def _compare(o: dict):
         encode_batch_size=o["encode_batch_size"],
         device=o["device"],
         trust_pickle=o["trust_pickle"],
-        progress=distributed.progress(o),
     )
-    return result
+    data = o["data"]
+    if o["channels"] != "auto" or o["resize"]:
+        data = load_data(data, trust_pickle=o["trust_pickle"], image=image_options_of(o))
+    return run_compare(specs, data, config, progress=parallel.progress(o["quiet"]))

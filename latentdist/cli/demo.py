@@ -16,8 +16,11 @@ from pathlib import Path
 
 import click
 
-from latentdist.cli_context import CONTEXT
-from latentdist.estimator.measure import MeasureConfig
+from latentdist.cli.options import CONTEXT
+from latentdist.dae import TrainConfig, train
+from latentdist.errors import UsageError
+from latentdist.estimator import MeasureConfig
+from latentdist.evaluation.compare import compare
 
 DEMO_TRAIN = dict(
     bottleneck="kl",
@@ -48,8 +51,6 @@ def train_demo_run(
     mode: str, out: Path, data: str, steps: int, fresh: bool, device: str, progress: bool
 ) -> str:
     """Train (or reuse, or resume) one demo run; return what was done."""
-    from latentdist.dae import TrainConfig, train
-
     folder = out / mode
     half = steps // 2
     cfg = TrainConfig(
@@ -94,9 +95,6 @@ def demo(out: str, data: str, steps: int, fresh: bool, device: str, quiet: bool)
     Finished runs already in --out are reused rather than retrained (pass --fresh to retrain);
     an interrupted run resumes from its checkpoint.
     """
-    from latentdist.errors import UsageError
-    from latentdist.evaluation.compare import compare
-
     if steps < 2:
         raise UsageError(f"--steps {steps}: expected an integer >= 2")
     t0 = time.perf_counter()

@@ -5,14 +5,14 @@ from __future__ import annotations
 import click
 import torch
 
-from latentdist.cli.measure import THREADS_OPTION
-from latentdist.cli_context import CONTEXT
+from latentdist.cli.options import CONTEXT, THREADS_OPTION
+from latentdist.data import load_data
+from latentdist.discrepancy import METRICS
 from latentdist.errors import UsageError
+from latentdist.evaluation.distance import sample_distance
 
 
 def _metric_names() -> list[str]:
-    from latentdist.discrepancy import METRICS
-
     return list(METRICS)
 
 
@@ -77,8 +77,6 @@ def distance(samples: str, reference: str, **o) -> None:
     seeds, and whether the samples lie above the floor (the interval of distance - floor, seed by
     seed, excludes 0).
     """
-    from latentdist.data import load_data
-    from latentdist.evaluation.distance import sample_distance
 
     if o["threads"] is not None:
         torch.set_num_threads(o["threads"])

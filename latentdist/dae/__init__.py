@@ -5,6 +5,8 @@
 """
 
 from latentdist.dae.config import TrainConfig
-from latentdist.dae.train import NonFiniteLossError, build_models, split_indices, train
+from latentdist.dae.data import split_indices
+from latentdist.dae.models import build_models
+from latentdist.dae.train import NonFiniteLossError, train
 
 __all__ = ["NonFiniteLossError", "TrainConfig", "build_models", "split_indices", "train"]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentdist.dae import distributed as dist_util
+from latentdist import parallel
 
 
 class IdentityBottleneck(nn.Module):
@@ -116,14 +116,14 @@ class VectorQuantizer(nn.Module):
         self.codebook.data.copy_(flat[pick] + noise)
         self.ema_sum.copy_(self.codebook.data)
         self.ema_count.fill_(1.0)
-        dist_util.broadcast_(self.codebook.data, self.ema_sum, self.ema_count)
+        parallel.broadcast_(self.codebook.data, self.ema_sum, self.ema_count)
         self.initialised.fill_(True)
 
     @torch.no_grad()
     def _update(self, flat: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor) -> None:
         if self.ema:
             sums = torch.zeros_like(self.ema_sum).index_add_(0, idx, flat)
-            dist_util.all_reduce_sum_(counts, sums)
+            parallel.all_reduce_sum_(counts, sums)
             self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
             self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
             n = self.ema_count.sum()
@@ -132,7 +132,7 @@ class VectorQuantizer(nn.Module):
             )  # Laplace smoothing
             self.codebook.copy_(self.ema_sum / smoothed[:, None])
         else:
-            dist_util.all_reduce_sum_(counts)
+            parallel.all_reduce_sum_(counts)
         self.window_count.add_(counts)
         self.steps.add_(1)
         if self.restart_every and int(self.steps) % self.restart_every == 0:
@@ -143,7 +143,7 @@ class VectorQuantizer(nn.Module):
                 self.codebook.data[dead] = flat[pick]
                 self.ema_sum[dead] = flat[pick]
                 self.ema_count[dead] = 1.0
-                dist_util.broadcast_(self.codebook.data, self.ema_sum, self.ema_count)
+                parallel.broadcast_(self.codebook.data, self.ema_sum, self.ema_count)
             self.window_count.zero_()
 
     def forward(

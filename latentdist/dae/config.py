@@ -133,11 +133,21 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ``UsageError`` naming the flag for any value that cannot work."""
+        self._check_choices()
+        self._check_schedule()
+        self._check_architecture()
+        self._check_optimiser()
+        self._check_downsampling()
+        self._check_losses()
+        self._check_execution()
 
-        def need(ok: bool, flag: str, msg: str) -> None:
-            if not ok:
-                raise UsageError(f"--{flag.replace('_', '-')} {getattr(self, flag)}: {msg}")
+    def _need(self, ok: bool, flag: str, msg: str) -> None:
+        if not ok:
+            raise UsageError(f"--{flag.replace('_', '-')} {getattr(self, flag)}: {msg}")
 
+    def _check_choices(self) -> None:
+        """Mode, bottleneck and the image-folder options."""
+        need = self._need
         need(self.mode in ("dae", "joint"), "mode", "expected dae or joint")
         need(self.channels in ("auto", "grey", "rgb"), "channels", "expected auto, grey or rgb")
         need(
@@ -146,6 +156,10 @@ class TrainConfig:
             "expected two positive integers H,W",
         )
         need(self.bottleneck in ("ae", "kl", "vq"), "bottleneck", "expected ae, kl or vq")
+
+    def _check_schedule(self) -> None:
+        """Step counts, seeds and the batch."""
+        need = self._need
         for f in (
             "stage1_steps",
             "stage2_steps",
@@ -169,6 +183,10 @@ class TrainConfig:
             "batch_size",
             "expected an integer >= 1",
         )
+
+    def _check_architecture(self) -> None:
+        """Widths and depths (with ``--threads`` and ``--log-every``, the other counts >= 1)."""
+        need = self._need
         for f in (
             "base_width",
             "num_res_blocks",
@@ -183,6 +201,10 @@ class TrainConfig:
             )
         need(self.threads is None or self.threads >= 1, "threads", "expected an integer >= 1")
         need(self.mlp_layers >= 0, "mlp_layers", "expected an integer >= 0")
+
+    def _check_optimiser(self) -> None:
+        """Learning rates, Adam's betas and gradient clipping."""
+        need = self._need
         need(math.isfinite(self.lr) and self.lr > 0, "lr", "expected a positive number")
         need(
             self.disc_lr is None or (math.isfinite(self.disc_lr) and self.disc_lr > 0),
@@ -193,6 +215,10 @@ class TrainConfig:
             all(0 <= b < 1 for b in self.adam_betas), "adam_betas", "expected two numbers in [0, 1)"
         )
         need(self.grad_clip >= 0, "grad_clip", "expected a number >= 0 (0 = off)")
+
+    def _check_downsampling(self) -> None:
+        """A power-of-two ``--downsample`` and channel multipliers with as many levels."""
+        need = self._need
         need(
             self.downsample >= 1 and (self.downsample & (self.downsample - 1)) == 0,
             "downsample",
@@ -209,6 +235,10 @@ class TrainConfig:
                 "channel_mult",
                 f"{len(self.channel_mult)} levels downsample by {2 ** (len(self.channel_mult) - 1)}, but --downsample is {self.downsample}",
             )
+
+    def _check_losses(self) -> None:
+        """The auxiliary decoder, bottleneck and loss weights."""
+        need = self._need
         need(0 < self.aux_width_mult <= 1, "aux_width_mult", "expected a number in (0, 1]")
         need(0 <= self.aux_dropout < 1, "aux_dropout", "expected a number in [0, 1)")
         need(self.kl_weight >= 0, "kl_weight", "expected a number >= 0")
@@ -218,6 +248,10 @@ class TrainConfig:
         need(self.rec_loss in ("l1", "l2"), "rec_loss", "expected l1 or l2")
         need(self.disc_weight >= 0, "disc_weight", "expected a number >= 0 (0 = off)")
         need(self.perceptual_weight >= 0, "perceptual_weight", "expected a number >= 0")
+
+    def _check_execution(self) -> None:
+        """Split, precision, device, resume/overwrite and the output folder."""
+        need = self._need
         need(0 <= self.val_fraction < 1, "val_fraction", "expected a number in [0, 1)")
         need(self.precision in ("fp32", "bf16", "fp16"), "precision", "expected fp32, bf16 or fp16")
         need(

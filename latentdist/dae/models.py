@@ -9,15 +9,23 @@ blocks are left out (they matter little at the sizes a CPU can train). Vectors: 
 ``Affine`` standardises the data (per channel for images, per feature for vectors) with
 statistics of the training split, so losses and learning rates do not depend on the data's
 units; the exported encoder/decoder carry it, so they read and write data in its own scale.
+
+``Models`` holds a run's networks (``build_models`` makes them from a ``TrainConfig``) and
+``Pipeline`` is the forward pass a stage trains.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
+
+from latentdist._shapes import Crop, PadTo, padded_size
+from latentdist.dae.bottleneck import make_bottleneck
+from latentdist.dae.config import TrainConfig
 
 
 def group_count(channels: int) -> int:
@@ -226,12 +234,146 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)
 
 
-def count_params(*modules: nn.Module | None) -> int:
-    """Number of scalars in the parameters and learned buffers (e.g. an EMA codebook)."""
-    total = 0
-    for m in modules:
-        if m is None:
-            continue
-        total += sum(p.numel() for p in m.parameters())
-        total += sum(b.numel() for name, b in m.named_buffers() if name.endswith("codebook"))
-    return total
+# ---------------------------------------------------------------- a run's networks
+
+
+@dataclass
+class Models:
+    """Every network of a run; ``normalize``/``denormalize`` map data to and from the model's scale.
+
+    ``pad``/``crop`` carry the image-size rule (``latentdist._shapes``): the encoder sees images
+    padded to multiples of ``downsample``, the decoder's output is cropped back to the data size.
+    """
+
+    normalize: Affine
+    denormalize: Affine
+    encoder: nn.Module
+    bottleneck: nn.Module
+    decoder: nn.Module
+    aux_decoder: nn.Module | None
+    discriminator: nn.Module | None
+    pad: nn.Module = field(default_factory=nn.Identity)
+    crop: nn.Module = field(default_factory=nn.Identity)
+
+    def named(self) -> dict[str, nn.Module]:
+        mods = {
+            "normalize": self.normalize,
+            "encoder": self.encoder,
+            "bottleneck": self.bottleneck,
+            "decoder": self.decoder,
+            "aux_decoder": self.aux_decoder,
+            "discriminator": self.discriminator,
+        }
+        return {k: v for k, v in mods.items() if v is not None}
+
+    def state_dicts(self) -> dict[str, dict]:
+        """Every network's ``state_dict`` by its ``named`` key (checkpoints, safetensors)."""
+        return {k: m.state_dict() for k, m in self.named().items()}
+
+    def load_state_dicts(self, states: dict[str, dict]) -> None:
+        """Load what ``state_dicts`` returned (a checkpoint's ``models``)."""
+        for name, mod in self.named().items():
+            mod.load_state_dict(states[name])
+
+    def to(self, device: torch.device, channels_last: bool = False) -> Models:
+        """Move every network to ``device``, ``denormalize`` too (it has no entry in ``named``:
+        its buffers are ``normalize``'s, so checkpoints do not hold them twice)."""
+        for m in (*self.named().values(), self.denormalize):
+            m.to(device)
+            if channels_last:
+                m.to(memory_format=torch.channels_last)
+        return self
+
+
+def build_models(
+    config: TrainConfig,
+    data_shape: tuple[int, ...],
+    kind: str,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+) -> Models:
+    """Build the networks of ``config`` with ``torch.manual_seed(config.seed)``.
+
+    Encoder, bottleneck and full decoder are built first, so a DAE run and a joint run with the
+    same seed start from the same encoder and decoder.
+    """
+    torch.manual_seed(config.seed)
+    c = config.latent_channels
+    vq = dict(
+        num_codes=config.codebook_size,
+        beta=config.vq_beta,
+        ema=config.vq_ema,
+        decay=config.vq_decay,
+        restart_every=config.vq_restart_every,
+    )
+    bottleneck = make_bottleneck(config.bottleneck, c, **(vq if config.bottleneck == "vq" else {}))
+    aux_dropout = config.aux_dropout
+    pad, crop = nn.Identity(), nn.Identity()
+    if kind == "images":
+        hw = tuple(data_shape[1:])
+        if padded_size(*hw, config.downsample) != hw:
+            pad, crop = PadTo(padded_size(*hw, config.downsample)), Crop(hw)
+        ch, mult, nr, w = data_shape[0], config.mult(), config.num_res_blocks, config.base_width
+        encoder = conv_encoder(ch, w, mult, nr, bottleneck.in_channels)
+        decoder = conv_decoder(c, w, mult, nr, ch)
+        aux_w = max(1, round(w * config.aux_width_mult))
+        make_aux = lambda: conv_decoder(c, aux_w, mult, nr, ch, aux_dropout)  # noqa: E731
+    else:
+        h, n = config.mlp_hidden, config.mlp_layers
+        encoder = mlp_encoder(data_shape, h, n, bottleneck.in_channels)
+        decoder = mlp_decoder(c, h, n, data_shape)
+        aux_h = max(1, round(h * config.aux_width_mult))
+        make_aux = lambda: mlp_decoder(c, aux_h, n, data_shape, aux_dropout)  # noqa: E731
+    aux = make_aux() if config.mode == "dae" else None
+    disc = None
+    if config.disc_weight > 0:
+        disc = PatchDiscriminator(data_shape[0], 4 * config.base_width, min(data_shape[1:]))
+    return Models(
+        Affine(shift, scale),
+        Affine(shift, scale, inverse=True),
+        encoder,
+        bottleneck,
+        decoder,
+        aux,
+        disc,
+        pad,
+        crop,
+    )
+
+
+class Pipeline(nn.Module):
+    """normalised data -> pad -> encoder -> bottleneck -> decoder -> crop; the encoder part
+    frozen in stage 2."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        bottleneck: nn.Module,
+        decoder: nn.Module,
+        frozen: bool,
+        pad: nn.Module | None = None,
+        crop: nn.Module | None = None,
+    ):
+        super().__init__()
+        self.encoder, self.bottleneck, self.decoder, self.frozen = (
+            encoder,
+            bottleneck,
+            decoder,
+            frozen,
+        )
+        self.pad, self.crop = pad or nn.Identity(), crop or nn.Identity()
+
+    def train(self, mode: bool = True) -> Pipeline:
+        super().train(mode)
+        if self.frozen:  # eval-mode normalisation and no codebook updates in stage 2
+            self.encoder.eval()
+            self.bottleneck.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.frozen:
+            with torch.no_grad():
+                z, _ = self.bottleneck(self.encoder(self.pad(x)), sample=True)
+            return self.crop(self.decoder(z)), {}
+        z, terms = self.bottleneck(self.encoder(self.pad(x)), sample=True)
+        return self.crop(self.decoder(z)), terms

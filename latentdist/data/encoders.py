@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from latentdist._progress import progress_bar as tqdm
 from latentdist.data.source import DataSource
 from latentdist.device import resolve_device
 from latentdist.errors import UsageError
@@ -81,7 +82,6 @@ class Encoder:
         ``sample=True``), so a run is reproducible for a given seed and batch size. A shape or
         dtype the encoder cannot take, or latents with NaN/Inf, raise a one-line UsageError.
         """
-        from latentdist._progress import progress_bar as tqdm
 
         if batch_size < 1:
             raise UsageError(f"--batch-size {batch_size}: expected a positive integer")

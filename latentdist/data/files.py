@@ -111,43 +111,6 @@ class ImageOptions:
             raise UsageError(f"--resize {self.resize}: expected two positive integers H,W")
 
 
-def parse_size(text: str | None, flag: str = "--resize") -> tuple[int, int] | None:
-    """``"H,W"`` (or ``"S"`` for a square) as a (height, width) pair; None stays None."""
-    if text is None or str(text).strip() == "":
-        return None
-    parts = str(text).replace("x", ",").split(",")
-    try:
-        size = tuple(int(p) for p in parts)
-    except ValueError:
-        size = ()
-    if len(size) == 1:
-        size = size * 2
-    if len(size) != 2 or min(size) < 1:
-        raise UsageError(f"{flag} {text}: expected a size H,W of two positive integers, e.g. 64,64")
-    return size  # type: ignore[return-value]
-
-
-def image_options(f):
-    """The click options ``--channels`` and ``--resize`` (image folders), for every command."""
-    import click
-
-    f = click.option(
-        "--resize",
-        metavar="H,W",
-        default=None,
-        help="Image folders: resize every image to H x W (Pillow, bicubic) [default: keep sizes, "
-        "which must agree].",
-    )(f)
-    return click.option(
-        "--channels",
-        type=click.Choice(CHANNELS),
-        default="auto",
-        show_default=True,
-        help="Image folders: auto keeps grey as 1 channel and colour as RGB (a folder mixing "
-        "both is refused); grey or rgb converts every image.",
-    )(f)
-
-
 def _open(path: Path):
     """PIL image of ``path`` (header read, pixels not yet decoded); corrupt files are UsageErrors."""
     from PIL import Image, UnidentifiedImageError

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from latentdist.discrepancy.validate import as_rows
 from latentdist.errors import UsageError
 
 __all__ = ["heldout_critic_distance", "make_critic"]
@@ -70,14 +71,10 @@ def make_critic(sample_shape: tuple[int, ...], width: int = 256) -> nn.Module:
 
 
 def _tensor(a: Any, name: str) -> torch.Tensor:
-    t = a.detach() if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
-    t = t.float()
-    if t.ndim == 0 or len(t) < 2:
+    """``a`` as float32 rows of their own shape, on their own device (``as_rows``), >= 2 rows."""
+    t = as_rows(a, f"critic: sample {name}", dtype=torch.float32, flat=False, device=None)
+    if len(t) < 2:
         raise UsageError(f"critic: sample {name} needs at least 2 rows")
-    if t.ndim == 1:
-        t = t[:, None]
-    if not torch.isfinite(t).all():
-        raise UsageError(f"critic: sample {name} contains NaN or Inf values")
     return t
 
 

@@ -10,19 +10,24 @@ disjoint from the scored ones.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
-from latentdist.discrepancy import (
-    METRICS,
+from latentdist.discrepancy.kernels import (
     MMD_SCALES,
-    NEEDS_FIT,
-    _flat,
-    _gaussian_kernel,
-    _kernel_sum,
-    discrepancy,
+    gaussian_gammas,
+    gaussian_kernel,
+    kernel_sum,
     median_bandwidth,
 )
+from latentdist.discrepancy.metrics import (
+    FEATURE_METRICS,
+    NEEDS_FIT,
+    discrepancy,
+    resolve_metric,
+)
+from latentdist.discrepancy.validate import as_rows
 from latentdist.errors import UsageError
 
 __all__ = ["Judge"]
@@ -47,8 +52,7 @@ class Judge:
         seed: int = 0,
         **settings: Any,
     ) -> None:
-        if metric not in METRICS:
-            raise UsageError(f"unknown metric {metric!r} (expected one of: {', '.join(METRICS)})")
+        resolve_metric(metric)
         if metric in NEEDS_FIT and reference_fit is None:
             raise UsageError(f"metric {metric!r} needs reference rows to train on")
         self.metric, self.seed, self.settings = metric, seed, dict(settings)
@@ -56,21 +60,20 @@ class Judge:
         self.reference_fit = reference_fit
         self.kernel: dict[str, Any] = {}
         if metric == "mmd":
-            ref = _flat(reference, "reference")
+            ref = as_rows(reference, "reference")
             scales = tuple(self.settings.pop("scales", MMD_SCALES))
             sigma = float(self.settings.pop("bandwidth", None) or median_bandwidth(ref))
-            gammas = tuple(1.0 / (2.0 * (s * sigma) ** 2) for s in scales)
-            self._k = _gaussian_kernel(gammas)
+            self._k = gaussian_kernel(gaussian_gammas(sigma, scales))
             self._ref = ref
             m = len(ref)
-            self._k_rr = _kernel_sum(self._k, ref, ref, exclude_diag=True) / (m * (m - 1))
+            self._k_rr = kernel_sum(self._k, ref, ref, exclude_diag=True) / (m * (m - 1))
             self.kernel = {
                 "kind": "sum of Gaussians exp(-|u-v|^2 / (2 (a sigma)^2)), averaged over a",
                 "sigma": sigma,
                 "scales": list(scales),
                 "sigma_from": "median pairwise distance within the reference",
             }
-        elif metric in ("fd", "kid"):
+        elif metric in FEATURE_METRICS:
             self.settings["features"] = features
             self.kernel = {"features": "identity" if features is None else "given module"}
             if metric == "kid":
@@ -78,7 +81,7 @@ class Judge:
 
     def __call__(self, sample: Any, sample_fit: Any | None = None) -> float:
         if self.metric == "mmd":
-            x = _flat(sample, "sample")
+            x = as_rows(sample, "sample")
             if x.shape[1] != self._ref.shape[1]:
                 raise UsageError(
                     f"sample dimension {x.shape[1]} differs from the reference's {self._ref.shape[1]}"
@@ -86,8 +89,8 @@ class Judge:
             n, m = len(x), len(self._ref)
             if n < 2:
                 raise UsageError("mmd: the sample needs at least 2 points")
-            k_xx = _kernel_sum(self._k, x, x, exclude_diag=True) / (n * (n - 1))
-            k_xr = _kernel_sum(self._k, x, self._ref, exclude_diag=False) / (n * m)
+            k_xx = kernel_sum(self._k, x, x, exclude_diag=True) / (n * (n - 1))
+            k_xr = kernel_sum(self._k, x, self._ref, exclude_diag=False) / (n * m)
             return k_xx + self._k_rr - 2.0 * k_xr
         if self.metric in NEEDS_FIT:
             if sample_fit is None:
@@ -101,4 +104,7 @@ class Judge:
                 seed=self.seed,
                 **self.settings,
             )
-        return discrepancy(self.metric, sample, self.reference, **self.settings)
+        settings = dict(self.settings)
+        if "seed" in inspect.signature(resolve_metric(self.metric)).parameters:
+            settings.setdefault("seed", self.seed)  # e.g. sliced: its projections, per split
+        return discrepancy(self.metric, sample, self.reference, **settings)

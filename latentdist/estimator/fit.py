@@ -35,6 +35,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from latentdist._progress import progress_bar as tqdm
+from latentdist.discrepancy import MMD_SCALES
 from latentdist.generators.ensemble import GeneratorEnsemble
 
 FITS = ("mmd", "ot", "adversarial", "paired")
@@ -52,7 +53,7 @@ class FitSettings:
     critic_steps: int = 5  # critic updates per generator update (WGAN-GP)
     gradient_penalty: float = 10.0
     bandwidth: float = 1.0  # mmd fit: sigma of the kernel (measure sets it from training data)
-    scales: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)  # mmd fit: multiples of sigma
+    scales: tuple[float, ...] = MMD_SCALES  # mmd fit: multiples of sigma (the evaluation kernel)
 
 
 def _columns(cost: np.ndarray) -> np.ndarray:
@@ -242,6 +243,21 @@ def _critic_loss(
     return critic(fake).mean(-1) - critic(real).mean(-1) + gp * penalty
 
 
+def _draw(pools: Sequence[torch.Tensor], batch_size: int, gen: torch.Generator) -> torch.Tensor:
+    """(slots, B) row indices: a random batch from each slot's pool."""
+    pos = [torch.randint(len(p), (batch_size,), generator=gen) for p in pools]
+    return torch.stack([p[i.to(p.device)] for p, i in zip(pools, pos, strict=True)])
+
+
+def _critic_step(critic, critic_opt, ensemble, z, x, gp: float, subset) -> None:
+    """One WGAN-GP critic update against the ensemble's current samples."""
+    with torch.no_grad():
+        fake = ensemble(z)
+    critic_opt.zero_grad(set_to_none=True)
+    _critic_loss(critic, fake, x, gp, subset).sum().backward()
+    critic_opt.step()
+
+
 def fit_ensemble(
     ensemble: GeneratorEnsemble,
     latents: torch.Tensor,
@@ -273,7 +289,6 @@ def fit_ensemble(
     opt = torch.optim.Adam(ensemble.parameters(), lr=settings.lr, betas=betas)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, settings.steps))
     gammas = [1.0 / (2.0 * (a * settings.bandwidth) ** 2) for a in settings.scales]
-    critic = critic_opt = None
     if adversarial:
         critic = CriticEnsemble(
             int(np.prod(data.shape[1:])),
@@ -285,9 +300,7 @@ def fit_ensemble(
         critic_opt = torch.optim.Adam(critic.parameters(), lr=1e-4, betas=(0.5, 0.9))
 
     def draw(pools: Sequence[torch.Tensor]) -> torch.Tensor:
-        """(slots, B) row indices: a random batch from each slot's pool."""
-        pos = [torch.randint(len(p), (settings.batch_size,), generator=gen) for p in pools]
-        return torch.stack([p[i.to(p.device)] for p, i in zip(pools, pos, strict=True)])
+        return _draw(pools, settings.batch_size, gen)
 
     losses = torch.zeros(n_members)
     bar = tqdm(range(settings.steps), desc=f"fit {settings.fit}", disable=not progress, leave=False)
@@ -302,11 +315,7 @@ def fit_ensemble(
                 x = x[slot_t]
         if adversarial:
             for _ in range(settings.critic_steps):
-                with torch.no_grad():
-                    fake = ensemble(z)
-                critic_opt.zero_grad(set_to_none=True)
-                _critic_loss(critic, fake, x, settings.gradient_penalty, subset).sum().backward()
-                critic_opt.step()
+                _critic_step(critic, critic_opt, ensemble, z, x, settings.gradient_penalty, subset)
                 x = data[draw(train_x)][slot_t]
                 z = latents[draw(train_z)][slot_t]
             per_member = -critic(ensemble(z)).mean(-1)

@@ -1,16 +1,22 @@
-"""Evaluation of generators: sample-quality metrics and latent priors (see docs/metrics.md)."""
+"""Evaluation of generators: sample-quality metrics and latent priors (see docs/metrics.md).
 
-from latentdist.evaluation.generation import (
-    CodePrior,
+The Frechet distance and the feature space are the metric layer's (``latentdist.discrepancy``)
+and are re-exported here, where users import them.
+"""
+
+from latentdist.discrepancy import (
     FeatureNet,
-    GaussianMixturePrior,
     frechet_distance,
     frechet_distance_gaussians,
-    generation_metrics,
-    kid,
     load_feature_extractor,
-    prdc,
     train_feature_net,
+)
+from latentdist.evaluation.generation import (
+    CodePrior,
+    GaussianMixturePrior,
+    generation_metrics,
+    kid_subsets,
+    prdc,
 )
 from latentdist.evaluation.probe import PROBE_RECIPE, FlowPrior, ProbeRecipe
 
@@ -23,7 +29,7 @@ __all__ = [
     "frechet_distance",
     "frechet_distance_gaussians",
     "generation_metrics",
-    "kid",
+    "kid_subsets",
     "load_feature_extractor",
     "prdc",
     "ProbeRecipe",

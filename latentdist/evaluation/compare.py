@@ -32,25 +32,38 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from latentdist import parallel
+from latentdist._io import to_json
+from latentdist.dae import split_indices
+from latentdist.data import DataSource, load_data
+from latentdist.data.encoders import load_encoder
+from latentdist.device import resolve_device
+from latentdist.discrepancy import load_feature_extractor, train_feature_net
 from latentdist.errors import UsageError
-from latentdist.estimator.measure import MeasureConfig
+from latentdist.estimator import MeasureConfig, measure, sharding
 from latentdist.estimator.stats import mean_ci
-from latentdist.evaluation.probe import PROBE_RECIPE, FlowPrior
-
-if TYPE_CHECKING:
-    from latentdist.data import DataSource
+from latentdist.evaluation.generation import CodePrior, GaussianMixturePrior, generation_metrics
+from latentdist.evaluation.probe import PROBE_RECIPE, FlowPrior, ProbeRecipe
+from latentdist.generators.modules import count_params
+from latentdist.proxies import diagnostics as diag
+from latentdist.proxies.geometry import nearest_codes
+from latentdist.report.compare import compare_frame, format_table, save_compare
 
 GENERATION_KEYS = ("fd", "kid", "precision", "recall", "density", "coverage", "w2")
 FALLBACK_SPLIT = {"val_fraction": 0.1, "split_seed": 0}
 N_IMAGES = 8  # reconstructions and samples kept per run for the figures
+
+Sampler = Callable[[int, int], torch.Tensor]  # (seed, n) -> n latents
 
 
 @dataclass
@@ -109,6 +122,59 @@ class RunSpec:
         return cls(name=name, encoder=Path(enc), decoder=Path(dec))
 
 
+@dataclass(frozen=True)
+class CompareConfig:
+    """Every setting of ``compare``; ``validate`` checks them once (UsageError naming the flag)
+    and returns the copy compare runs with.
+
+    ``measure_config``: the settings of ``latentdist.measure``, used identically for every run
+    (its ``device`` is replaced by ``device``). Generation: ``gen_seeds`` repetitions of (fit
+    prior, sample ``n_samples`` (default: the held-out count, at most ``max_samples``), decode,
+    score against held-out data); ``features``: a TorchScript feature extractor for FD/PRDC, else
+    a small network trained once on training rows (``feature_steps`` steps); ``k``: PRDC's
+    neighbours. The probe uses ``PROBE_RECIPE`` with ``probe_steps`` optimiser steps when given
+    (0: no probe).
+    """
+
+    measure_config: MeasureConfig | None = None  # None: MeasureConfig()
+    gen_seeds: int = 3
+    features: str | Path | None = None
+    feature_steps: int = 300
+    n_samples: int | None = None
+    max_samples: int = 2000
+    prior_components: int = 10
+    prior_pca: int = 64
+    probe_steps: int | None = None
+    k: int = 5
+    encode_batch_size: int = 256
+    device: str = "auto"
+    trust_pickle: bool = False
+
+    def validate(self) -> CompareConfig:
+        """This config checked, with ``measure_config`` validated on ``device`` (a copy)."""
+        if self.gen_seeds < 1:
+            raise UsageError(f"--gen-seeds {self.gen_seeds}: expected an integer >= 1")
+        if self.n_samples is not None and self.n_samples < 2:
+            raise UsageError(f"--n-samples {self.n_samples}: expected an integer >= 2")
+        if self.probe_steps is not None and self.probe_steps < 0:
+            raise UsageError(f"--probe-steps {self.probe_steps}: expected an integer >= 0")
+        given = self.measure_config or MeasureConfig()
+        return replace(self, measure_config=replace(given, device=self.device).validate())
+
+    @property
+    def recipe(self) -> ProbeRecipe:
+        """The probe's recipe: ``PROBE_RECIPE``, with ``probe_steps`` steps when given."""
+        if self.probe_steps is None:
+            return PROBE_RECIPE
+        return replace(PROBE_RECIPE, steps=self.probe_steps)
+
+    @property
+    def seeds(self) -> list[int]:
+        """The generation seeds: ``gen_seeds`` of them from the measurement's seed."""
+        seed = (self.measure_config or MeasureConfig()).seed
+        return [seed + i for i in range(self.gen_seeds)]
+
+
 @dataclass
 class CompareResult:
     """The outcome of ``compare``: ``.report`` is the compare.json content."""
@@ -117,48 +183,129 @@ class CompareResult:
     images: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def to_json(self, indent: int | None = 2) -> str:
-        from latentdist._io import to_json
-
         return to_json(self.report, indent)
 
     def to_frame(self):
         """One row per run: reconstruction, distance summary, generation metrics (pandas)."""
-        from latentdist.report.compare import compare_frame
-
         return compare_frame(self.report)
 
     def table(self) -> str:
         """A plain-text table for the terminal."""
-        from latentdist.report.compare import format_table
-
         return format_table(self.report)
 
     def save(self, out_dir: str | Path) -> list[Path]:
         """Write compare.json, report.md and the PNG figures into ``out_dir`` (atomically)."""
-        from latentdist.report.compare import save_compare
-
         return save_compare(self.report, self.images, out_dir)
 
 
-def _as_spec(r: str | Path | RunSpec) -> RunSpec:
-    return r if isinstance(r, RunSpec) else RunSpec.from_dir(r)
+def compare(
+    runs: Sequence[str | Path | RunSpec],
+    data: Any,
+    config: CompareConfig | None = None,
+    *,
+    progress: bool = True,
+    **settings: Any,
+) -> CompareResult:
+    """Compare autoencoders: reconstruction, the latent–data distance curve, generation quality.
+
+    ``runs``: train-dae folders or ``RunSpec`` (external pairs via ``RunSpec.parse_pair``);
+    ``data``: a name, path or ``DataSource``. Settings are ``CompareConfig`` fields, as a config
+    or keywords (e.g. ``measure_config=MeasureConfig(...), gen_seeds=3, device="cpu"``). See the
+    module docstring for the definitions.
+    """
+    t_start = time.perf_counter()
+    specs = run_specs(runs)
+    cfg = replace(config or CompareConfig(), **settings).validate()
+    inputs = load_inputs(specs, data, cfg)
+    extractor, features_info = feature_space(inputs, cfg)
+    entries, images, warnings, measured_with = measure_runs(specs, inputs, extractor, cfg, progress)
+    report = {
+        "data": inputs.describe(),
+        "measure_config": {**asdict(measured_with), "capacities": list(measured_with.capacities)},
+        "generation_settings": generation_settings(cfg, features_info),
+        "probe_settings": probe_settings(cfg),
+        "runs": entries,
+        "warnings": inputs.warnings + warnings,
+        "device": str(inputs.device),
+        "timings": {"total_s": time.perf_counter() - t_start},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return CompareResult(report, images)
 
 
-def _unique_names(specs: list[RunSpec]) -> None:
+# --- phase 1: the runs and the data -----------------------------------------------------------
+
+
+def run_specs(runs: Sequence[str | Path | RunSpec]) -> list[RunSpec]:
+    """``runs`` as ``RunSpec``s with unique names (a repeated name gets -2, -3, ...)."""
+    specs = [r if isinstance(r, RunSpec) else RunSpec.from_dir(r) for r in runs]
+    if not specs:
+        raise UsageError("compare: give at least one RUN_DIR or --pair NAME:ENCODER:DECODER")
     seen: dict[str, int] = {}
     for s in specs:
         n = seen.get(s.name, 0)
         seen[s.name] = n + 1
         if n:
             s.name = f"{s.name}-{n + 1}"
+    return specs
 
 
-def _held_out(
+@dataclass(frozen=True)
+class Inputs:
+    """What every run is evaluated on: the data, its value range, each run's held-out rows."""
+
+    src: DataSource
+    name: str
+    x_min: float
+    x_max: float
+    held: dict[str, tuple[np.ndarray, str]]  # run name -> (held-out rows, where they came from)
+    warnings: list[str]
+    device: torch.device
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.src.sample_shape)
+
+    @property
+    def data_range(self) -> float:
+        return (self.x_max - self.x_min) or 1.0
+
+    def describe(self) -> dict[str, Any]:
+        """The report's ``data`` entry."""
+        return {
+            "name": self.name,
+            "kind": self.src.kind,
+            "shape": list(self.shape),
+            "rows": len(self.src),
+            "fingerprint": self.src.fingerprint(),
+            "min": self.x_min,
+            "max": self.x_max,
+            "range": self.data_range,
+        }
+
+
+def load_inputs(specs: list[RunSpec], data: Any, cfg: CompareConfig) -> Inputs:
+    """Load the data, read its value range and find every run's held-out rows."""
+    dev = resolve_device(cfg.device)
+    src = data if isinstance(data, DataSource) else load_data(data, trust_pickle=cfg.trust_pickle)
+    n, shape, fingerprint = len(src), tuple(src.sample_shape), src.fingerprint()
+    x_min, x_max = value_range(src, cfg.encode_batch_size)
+    held: dict[str, tuple[np.ndarray, str]] = {}
+    warnings: list[str] = []
+    for s in specs:
+        val, where, w = held_out_rows(s, n, fingerprint, shape)
+        if len(val) < 2:
+            raise UsageError(f"{s.name}: fewer than 2 held-out rows to evaluate on")
+        held[s.name] = (val, where)
+        warnings += w
+    name = getattr(src, "name", str(data))
+    return Inputs(src, name, x_min, x_max, held, warnings, dev)
+
+
+def held_out_rows(
     spec: RunSpec, n: int, fingerprint: str, shape: tuple
 ) -> tuple[np.ndarray, str, list]:
     """Held-out row indices for ``spec``, where they came from, and any warnings."""
-    from latentdist.dae import split_indices
-
     warnings: list[str] = []
     run = spec.run
     if run is not None:
@@ -185,7 +332,7 @@ def _held_out(
     return val, src, warnings
 
 
-def _value_range(src: DataSource, batch_size: int) -> tuple[float, float]:
+def value_range(src: DataSource, batch_size: int) -> tuple[float, float]:
     """The smallest and largest value in the data, read a batch at a time."""
     lo, hi = math.inf, -math.inf
     for xb in src.batches(batch_size):
@@ -193,15 +340,309 @@ def _value_range(src: DataSource, batch_size: int) -> tuple[float, float]:
     return lo, hi
 
 
-def _count_params(module: Any) -> int:
-    return int(sum(p.numel() for p in module.parameters()))
+def feature_space(inputs: Inputs, cfg: CompareConfig) -> tuple[Any, dict[str, Any]]:
+    """One feature space for every run, so FD and PRDC are comparable: (extractor, its entry in
+    the report). The default network trains on rows outside every run's held-out set."""
+    if cfg.features is not None:
+        return load_feature_extractor(cfg.features), {"kind": "user", "path": str(cfg.features)}
+    src, n = inputs.src, len(inputs.src)
+    in_any_val = np.zeros(n, dtype=bool)
+    for val, _ in inputs.held.values():
+        in_any_val[val] = True
+    train_rows = np.flatnonzero(~in_any_val) if (~in_any_val).any() else np.arange(n)
+    seed = cfg.measure_config.seed
+    extractor = parallel.on_main(  # under torchrun: rank 0's, sent to every rank
+        lambda: train_feature_net(src, steps=cfg.feature_steps, seed=seed, rows=train_rows)
+    )
+    supervised = getattr(src, "labels", None) is not None
+    description = (
+        "FeatureNet (conv 3x3 32, conv 3x3/2 64, conv 3x3/2 64, global average pool, "
+        "linear 64 + ReLU; features = this 64-d layer)"
+        if src.kind == "images"
+        else "FeatureNet (MLP 256, 64 + ReLU; features = this 64-d layer)"
+    ) + (
+        ", trained as a classifier on the data's labels"
+        if supervised
+        else ", trained as a denoising autoencoder"
+    )
+    return extractor, {
+        "kind": "trained",
+        "steps": cfg.feature_steps,
+        "seed": seed,
+        "train_rows": len(train_rows),
+        "description": description,
+    }
+
+
+# --- phase 2: measure every run ---------------------------------------------------------------
+
+
+@dataclass
+class Coded:
+    """One run's encoder and decoder, the latents of every row, and the held-out rows decoded."""
+
+    encoder: Any
+    decoder: Any
+    z: torch.Tensor
+    val: np.ndarray
+    x_val: torch.Tensor
+    x_hat: torch.Tensor
+
+    @property
+    def train_rows(self) -> np.ndarray:
+        return np.setdiff1d(np.arange(len(self.z)), self.val)
+
+
+def measure_runs(
+    specs: list[RunSpec], inputs: Inputs, extractor: Any, cfg: CompareConfig, progress: bool
+) -> tuple[list[dict], dict[str, dict], list[str], MeasureConfig]:
+    """Every run evaluated in turn: (report entries, images by run, the measurements' warnings,
+    the measurement config they all ran with)."""
+    measure_config, extra = cfg.measure_config, None
+    entries, images, warnings = [], {}, []
+    for spec in specs:
+        coded = encode_run(spec, inputs, cfg, progress)
+        if measure_config.generator == "auto":  # one family for every run, chosen on the first
+            measure_config, why = measure_config.resolve(tuple(coded.z.shape[1:]), inputs.shape)
+            extra = {"generator_choice": why + " (on the first run; same for all)"}
+        entry, images[spec.name] = evaluate_run(
+            spec, coded, inputs, extractor, cfg, measure_config, extra, progress
+        )
+        entries.append(entry)
+        warnings += [f"{spec.name}: {w}" for w in entry["measure"]["warnings"]]
+    return entries, images, warnings, measure_config
+
+
+def evaluate_run(
+    spec: RunSpec,
+    coded: Coded,
+    inputs: Inputs,
+    extractor: Any,
+    cfg: CompareConfig,
+    measure_config: MeasureConfig,
+    report_extra: dict | None,
+    progress: bool,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """One run's report entry and images: reconstruction, measurement (with ``report_extra``
+    added to its report), diagnostics, generation and probe."""
+    recon = reconstruction_metrics(coded.x_val, coded.x_hat, inputs.data_range)
+    t0 = time.perf_counter()
+    m = measure(
+        coded.z,
+        inputs.src,
+        measure_config,
+        codebook=coded.encoder.codebook,
+        encoder=partial(coded.encoder.encode, device=inputs.device, progress=False),
+        progress=progress,
+        report_extra=report_extra,
+    )
+    t_measure = time.perf_counter() - t0
+    measured = {key: v for key, v in m.report.items() if key != "diagnostics"}
+    diagnostics = {**m.report["diagnostics"], "decoder_robustness": robustness(coded, inputs, cfg)}
+    generation, fakes, t_generation = generation_quality(coded, extractor, cfg, inputs.device)
+    probe, probe_fakes, t_probe = probe_quality(
+        coded, extractor, cfg, inputs.device, generation, fakes
+    )
+    val, where = inputs.held[spec.name]
+    run = spec.run or {}
+    entry = {
+        "name": spec.name,
+        "mode": spec.mode,
+        "encoder": str(spec.encoder),
+        "decoder": str(spec.decoder),
+        "folder": str(spec.folder) if spec.folder else None,
+        "bottleneck": run.get("bottleneck"),
+        "latent_shape": list(coded.z.shape[1:]),
+        "encoder_params": run.get("encoder_params", count_params(coded.encoder.module)),
+        "decoder_params": run.get("decoder_params", count_params(coded.decoder)),
+        "aux_decoder_params": run.get("aux_decoder_params"),
+        "steps": run.get("steps"),
+        "held_out": {"rows": len(val), "source": where},
+        "reconstruction": recon,
+        "measure": measured,
+        "generation": generation,
+        "probe": probe,
+        "diagnostics": diagnostics,
+        "timings": {
+            "measure_s": t_measure,
+            "generation_s": t_generation,
+            "probe_s": t_probe,
+            "diagnostics_s": diagnostics["time_s"],
+        },
+    }
+    return entry, run_images(coded, fakes, probe_fakes)
+
+
+def encode_run(spec: RunSpec, inputs: Inputs, cfg: CompareConfig, progress: bool) -> Coded:
+    """Load the run's encoder and decoder, encode every row and decode the held-out rows."""
+    dev, batch, shape = inputs.device, cfg.encode_batch_size, inputs.shape
+    val, _ = inputs.held[spec.name]
+    enc = load_encoder(spec.encoder, trust_pickle=cfg.trust_pickle, device=dev)
+    z = sharding.encode(  # under torchrun: row shards across ranks, gathered
+        enc,
+        inputs.src,
+        batch_size=batch,
+        device=dev,
+        progress=progress,
+        seed=cfg.measure_config.seed,
+    )
+    try:
+        decoder = torch.jit.load(str(spec.decoder), map_location=dev).eval()
+    except Exception as e:  # noqa: BLE001 (any load failure is a bad file)
+        raise UsageError(
+            f"{spec.decoder}: not a TorchScript decoder ({type(e).__name__})"
+        ) from None
+    x_val = inputs.src.take(val)
+    try:
+        x_hat = decode(decoder, z[val], dev, batch)
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(
+            f"{spec.decoder}: cannot decode latents of shape {list(z.shape[1:])} "
+            f"({type(e).__name__})"
+        ) from None
+    if tuple(x_hat.shape[1:]) != shape:
+        raise UsageError(
+            f"{spec.decoder}: decodes to samples of shape {list(x_hat.shape[1:])}, "
+            f"but --data has {list(shape)}"
+        )
+    return Coded(enc, decoder, z, val, x_val, x_hat)
 
 
 @torch.no_grad()
-def _decode(decoder: Any, z: torch.Tensor, device: torch.device, batch: int) -> torch.Tensor:
+def decode(decoder: Any, z: torch.Tensor, device: torch.device, batch: int) -> torch.Tensor:
+    """``decoder`` applied to ``z`` a batch at a time on ``device``; float32 on the CPU."""
     return torch.cat(
         [decoder(zb.to(device)).float().cpu() for zb in z.split(batch)]
     )  # one pass, no autograd
+
+
+def robustness(coded: Coded, inputs: Inputs, cfg: CompareConfig) -> dict[str, Any]:
+    """The decoder's robustness to noise on the held-out rows' latents (diagnostics)."""
+    dev, batch = inputs.device, cfg.encode_batch_size
+    return diag.decoder_robustness(
+        lambda zb: decode(coded.decoder, zb, dev, batch),
+        coded.z[coded.val],
+        coded.x_val,
+        seed=cfg.measure_config.seed,
+    )
+
+
+# --- phase 3: generation quality and the probe ------------------------------------------------
+
+
+def generation_quality(
+    coded: Coded, extractor: Any, cfg: CompareConfig, device: torch.device
+) -> tuple[dict[str, Any], torch.Tensor, float]:
+    """The baseline prior's scores (Gaussian mixture; for VQ codes the autoregressive prior),
+    its first seed's decoded samples, and the seconds it took."""
+    t0 = time.perf_counter()
+    z_train = coded.z[coded.train_rows]
+    vq = coded.encoder.codebook is not None
+    if vq:
+        sampler = code_sampler(z_train, coded.encoder.codebook)
+    else:
+        sampler = gmm_sampler(z_train, cfg.prior_components, cfg.prior_pca)
+    generation, fakes = parallel.on_main(score_prior, sampler, coded, extractor, cfg, device)
+    generation["prior"] = "codes (autoregressive)" if vq else "gaussian mixture"
+    return generation, fakes, time.perf_counter() - t0
+
+
+def probe_quality(
+    coded: Coded,
+    extractor: Any,
+    cfg: CompareConfig,
+    device: torch.device,
+    generation: dict[str, Any],
+    fakes: torch.Tensor,
+) -> tuple[dict[str, Any] | None, torch.Tensor | None, float]:
+    """The probe's scores (None when ``probe_steps`` is 0), its first seed's decoded samples, and
+    the seconds it took. For VQ codes the autoregressive prior is the probe: ``generation``."""
+    t0 = time.perf_counter()
+    probe: dict[str, Any] | None = None
+    probe_fakes = None
+    recipe = cfg.recipe
+    if recipe.steps > 0:
+        if coded.encoder.codebook is not None:
+            probe, probe_fakes = dict(generation), fakes
+            probe["model"] = "codes (autoregressive), as the baseline"
+        else:
+            sampler = flow_sampler(coded.z[coded.train_rows], recipe)
+            probe, probe_fakes = parallel.on_main(
+                score_prior, sampler, coded, extractor, cfg, device
+            )
+            probe["model"] = "rectified flow"
+    t_probe = time.perf_counter() - t0
+    if probe is not None:
+        probe["time_s"] = t_probe
+    return probe, probe_fakes, t_probe
+
+
+def gmm_sampler(z_train: torch.Tensor, components: int, pca: int) -> Sampler:
+    """A sampler: a Gaussian mixture over the flattened training latents, fitted per seed."""
+
+    def sample(seed: int, n: int) -> torch.Tensor:
+        prior = GaussianMixturePrior(n_components=components, n_pca=pca, seed=seed).fit(z_train)
+        return torch.as_tensor(prior.sample(n, seed=seed)).float()
+
+    return sample
+
+
+def flow_sampler(z_train: torch.Tensor, recipe: ProbeRecipe) -> Sampler:
+    """A sampler: the probe's rectified flow on the training latents, fitted per seed."""
+
+    def sample(seed: int, n: int) -> torch.Tensor:
+        return FlowPrior(recipe).fit(z_train, seed=seed).sample(n, seed=seed)
+
+    return sample
+
+
+def code_sampler(z_train: torch.Tensor, codebook: torch.Tensor) -> Sampler:
+    """A sampler: the autoregressive prior over the runs' code maps, fitted per seed."""
+    codes = nearest_codes(z_train, codebook)
+
+    def sample(seed: int, n: int) -> torch.Tensor:
+        prior = CodePrior(num_codes=len(codebook)).fit(codes, seed=seed)
+        zs = codebook.float()[prior.sample(n, seed=seed)]
+        return zs.movedim(-1, 1) if z_train.ndim == 4 else zs
+
+    return sample
+
+
+def score_prior(
+    sampler: Sampler, coded: Coded, extractor: Any, cfg: CompareConfig, device: torch.device
+) -> tuple[dict, torch.Tensor]:
+    """Per seed: ``sampler(seed, n)`` latents, decode, score against the held-out rows; mean and
+    95 % CI per metric, and the first seed's decoded samples."""
+    n_samples = cfg.n_samples or min(len(coded.val), cfg.max_samples)
+    per_seed: dict[str, list[float]] = {key: [] for key in GENERATION_KEYS}
+    first = None
+    for seed in cfg.seeds:
+        fake = decode(coded.decoder, sampler(seed, n_samples), device, cfg.encode_batch_size)
+        scores = generation_metrics(coded.x_val, fake, extractor, k=cfg.k)
+        for key in GENERATION_KEYS:
+            per_seed[key].append(float(scores[key]))
+        if first is None:
+            first = fake
+    out: dict[str, Any] = {key: mean_ci(v) for key, v in per_seed.items()}
+    out["n_samples"] = n_samples
+    return out, first
+
+
+def run_images(
+    coded: Coded, fakes: torch.Tensor, probe_fakes: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    """The first held-out rows, their reconstructions and samples, for the report's figures."""
+    images = {
+        "original": coded.x_val[:N_IMAGES].clone(),
+        "recon": coded.x_hat[:N_IMAGES].clone(),
+        "samples": fakes[: 2 * N_IMAGES].clone(),
+    }
+    if probe_fakes is not None:
+        images["probe"] = probe_fakes[: 2 * N_IMAGES].clone()
+    return images
+
+
+# --- phase 4: the report ----------------------------------------------------------------------
 
 
 def reconstruction_metrics(x: torch.Tensor, x_hat: torch.Tensor, data_range: float) -> dict:
@@ -231,326 +672,37 @@ def reconstruction_metrics(x: torch.Tensor, x_hat: torch.Tensor, data_range: flo
     }
 
 
-def compare(
-    runs: list[str | Path | RunSpec],
-    data: Any,
-    *,
-    measure_config: MeasureConfig | None = None,
-    gen_seeds: int = 3,
-    features: str | Path | None = None,
-    feature_steps: int = 300,
-    n_samples: int | None = None,
-    max_samples: int = 2000,
-    prior_components: int = 10,
-    prior_pca: int = 64,
-    probe_steps: int | None = None,
-    k: int = 5,
-    encode_batch_size: int = 256,
-    device: str = "auto",
-    trust_pickle: bool = False,
-    progress: bool = True,
-) -> CompareResult:
-    """Compare autoencoders: reconstruction, the latent–data distance curve, generation quality.
-
-    ``runs``: train-dae folders or ``RunSpec`` (external pairs via ``RunSpec.parse_pair``);
-    ``data``: a name, path or ``DataSource``; ``measure_config``: the settings of
-    ``latentdist.measure`` used identically for every run (its ``device`` is overridden by
-    ``device``). Generation: ``gen_seeds`` repetitions of (fit prior, sample ``n_samples``
-    (default: the held-out count, at most ``max_samples``), decode, score against held-out data);
-    ``features``: a TorchScript feature extractor for FD/PRDC, else a small network trained once
-    here on training rows (``feature_steps`` steps). The probe uses ``PROBE_RECIPE`` with
-    ``probe_steps`` optimiser steps when given (0: no probe). See the module docstring for the
-    definitions.
-    """
-    from latentdist import measure
-    from latentdist.data import DataSource, load_data
-    from latentdist.data.encoders import load_encoder
-    from latentdist.device import resolve_device
-    from latentdist.estimator import distributed
-    from latentdist.evaluation import generation as gen
-    from latentdist.proxies import diagnostics as diag
-
-    t_start = time.perf_counter()
-    specs = [_as_spec(r) for r in runs]
-    if not specs:
-        raise UsageError("compare: give at least one RUN_DIR or --pair NAME:ENCODER:DECODER")
-    _unique_names(specs)
-    if gen_seeds < 1:
-        raise UsageError(f"--gen-seeds {gen_seeds}: expected an integer >= 1")
-    if n_samples is not None and n_samples < 2:
-        raise UsageError(f"--n-samples {n_samples}: expected an integer >= 2")
-    if probe_steps is not None and probe_steps < 0:
-        raise UsageError(f"--probe-steps {probe_steps}: expected an integer >= 0")
-    recipe = PROBE_RECIPE if probe_steps is None else replace(PROBE_RECIPE, steps=probe_steps)
-    cfg = MeasureConfig(**{**asdict(measure_config or MeasureConfig()), "device": device})
-    cfg.validate()
-    dev = resolve_device(device)
-    src = data if isinstance(data, DataSource) else load_data(data, trust_pickle=trust_pickle)
-    n, shape, fingerprint = len(src), tuple(src.sample_shape), src.fingerprint()
-    x_min, x_max = _value_range(src, encode_batch_size)
-    data_range = (x_max - x_min) or 1.0
-
-    held: dict[str, tuple[np.ndarray, str]] = {}
-    warnings: list[str] = []
-    for s in specs:
-        val, where, w = _held_out(s, n, fingerprint, shape)
-        if len(val) < 2:
-            raise UsageError(f"{s.name}: fewer than 2 held-out rows to evaluate on")
-        held[s.name] = (val, where)
-        warnings += w
-    in_any_val = np.zeros(n, dtype=bool)
-    for val, _ in held.values():
-        in_any_val[val] = True
-
-    # one feature space for every run, so FD and PRDC are comparable
-    if features is not None:
-        extractor = gen.load_feature_extractor(features)
-        features_info = {"kind": "user", "path": str(features)}
-    else:
-        train_rows = np.flatnonzero(~in_any_val) if (~in_any_val).any() else np.arange(n)
-        extractor = distributed.on_main(  # under torchrun: rank 0's, sent to every rank
-            lambda: gen.train_feature_net(src, steps=feature_steps, seed=cfg.seed, rows=train_rows)
-        )
-        supervised = getattr(src, "labels", None) is not None
-        features_info = {
-            "kind": "trained",
-            "steps": feature_steps,
-            "seed": cfg.seed,
-            "train_rows": len(train_rows),
-            "description": (
-                "FeatureNet (conv 3x3 32, conv 3x3/2 64, conv 3x3/2 64, global average pool, "
-                "linear 64 + ReLU; features = this 64-d layer)"
-                if src.kind == "images"
-                else "FeatureNet (MLP 256, 64 + ReLU; features = this 64-d layer)"
-            )
-            + (
-                ", trained as a classifier on the data's labels"
-                if supervised
-                else ", trained as a denoising autoencoder"
-            ),
-        }
-
-    results, images = [], {}
-    generator_choice = None
-    for s in specs:
-        val, where = held[s.name]
-        train_rows = np.setdiff1d(np.arange(n), val)
-        enc = load_encoder(s.encoder, trust_pickle=trust_pickle, device=dev)
-        z = distributed.encode(  # under torchrun: row shards across ranks, gathered
-            enc, src, batch_size=encode_batch_size, device=dev, progress=progress, seed=cfg.seed
-        )
-        try:
-            decoder = torch.jit.load(str(s.decoder), map_location=dev).eval()
-        except Exception as e:  # noqa: BLE001 (any load failure is a bad file)
-            raise UsageError(
-                f"{s.decoder}: not a TorchScript decoder ({type(e).__name__})"
-            ) from None
-        x_val = src.take(val)
-        try:
-            x_hat = _decode(decoder, z[val], dev, encode_batch_size)
-        except Exception as e:  # noqa: BLE001
-            raise UsageError(
-                f"{s.decoder}: cannot decode latents of shape {list(z.shape[1:])} "
-                f"({type(e).__name__})"
-            ) from None
-        if tuple(x_hat.shape[1:]) != shape:
-            raise UsageError(
-                f"{s.decoder}: decodes to samples of shape {list(x_hat.shape[1:])}, "
-                f"but --data has {list(shape)}"
-            )
-        recon = reconstruction_metrics(x_val, x_hat, data_range)
-
-        if cfg.generator == "auto":  # one family for every run, chosen on the first
-            generator_choice = cfg.resolve_generator(tuple(z.shape[1:]), shape)
-        t0 = time.perf_counter()
-        m = measure(
-            z,
-            src,
-            cfg,
-            codebook=enc.codebook,
-            encoder=lambda xb, enc=enc: enc.encode(xb, device=dev, progress=False),
-            progress=progress,
-        )
-        t_measure = time.perf_counter() - t0
-        if generator_choice:
-            m.report["generator_choice"] = generator_choice + " (on the first run; same for all)"
-        diagnostics = m.report.pop("diagnostics")
-        diagnostics["decoder_robustness"] = diag.decoder_robustness(
-            lambda zb, decoder=decoder: _decode(decoder, zb, dev, encode_batch_size),
-            z[val],
-            x_val,
-            seed=cfg.seed,
-        )
-
-        seeds = [cfg.seed + i for i in range(gen_seeds)]
-        n_gen = n_samples or min(len(val), max_samples)
-        vq = enc.codebook is not None
-        scoring = dict(
-            decoder=decoder, extractor=extractor, k=k, device=dev, batch=encode_batch_size
-        )
-        z_train = z[train_rows]
-        t0 = time.perf_counter()
-        if vq:
-            sampler = _code_sampler(z_train, enc.codebook)
-            generation, fakes = distributed.on_main(
-                _score_prior, sampler, x_val, seeds, n_gen, **scoring
-            )
-        else:
-
-            def gmm(seed: int, n: int, z_train=z_train) -> torch.Tensor:
-                prior = gen.GaussianMixturePrior(
-                    n_components=prior_components, n_pca=prior_pca, seed=seed
-                ).fit(z_train)
-                return torch.as_tensor(prior.sample(n, seed=seed)).float()
-
-            generation, fakes = distributed.on_main(
-                _score_prior, gmm, x_val, seeds, n_gen, **scoring
-            )
-        generation["prior"] = "codes (autoregressive)" if vq else "gaussian mixture"
-        t_generation = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        probe: dict[str, Any] | None = None
-        probe_fakes = None
-        if recipe.steps > 0:
-            if vq:  # the autoregressive prior is the probe for code maps
-                probe, probe_fakes = dict(generation), fakes
-                probe["model"] = "codes (autoregressive), as the baseline"
-            else:
-
-                def flow(seed: int, n: int, z_train=z_train) -> torch.Tensor:
-                    return FlowPrior(recipe).fit(z_train, seed=seed).sample(n, seed=seed)
-
-                probe, probe_fakes = distributed.on_main(
-                    _score_prior, flow, x_val, seeds, n_gen, **scoring
-                )
-                probe["model"] = "rectified flow"
-        t_probe = time.perf_counter() - t0
-        if probe is not None:
-            probe["time_s"] = t_probe
-        run = s.run or {}
-        warnings += [f"{s.name}: {w}" for w in m.report["warnings"]]
-        results.append(
-            {
-                "name": s.name,
-                "mode": s.mode,
-                "encoder": str(s.encoder),
-                "decoder": str(s.decoder),
-                "folder": str(s.folder) if s.folder else None,
-                "bottleneck": run.get("bottleneck"),
-                "latent_shape": list(z.shape[1:]),
-                "encoder_params": run.get("encoder_params", _count_params(enc.module)),
-                "decoder_params": run.get("decoder_params", _count_params(decoder)),
-                "aux_decoder_params": run.get("aux_decoder_params"),
-                "steps": run.get("steps"),
-                "held_out": {"rows": len(val), "source": where},
-                "reconstruction": recon,
-                "measure": m.report,
-                "generation": generation,
-                "probe": probe,
-                "diagnostics": diagnostics,
-                "timings": {
-                    "measure_s": t_measure,
-                    "generation_s": t_generation,
-                    "probe_s": t_probe,
-                    "diagnostics_s": diagnostics["time_s"],
-                },
-            }
-        )
-        images[s.name] = {
-            "original": x_val[:N_IMAGES].clone(),
-            "recon": x_hat[:N_IMAGES].clone(),
-            "samples": fakes[: 2 * N_IMAGES].clone(),
-        }
-        if probe_fakes is not None:
-            images[s.name]["probe"] = probe_fakes[: 2 * N_IMAGES].clone()
-
-    report = {
-        "data": {
-            "name": getattr(src, "name", str(data)),
-            "kind": src.kind,
-            "shape": list(shape),
-            "rows": n,
-            "fingerprint": fingerprint,
-            "min": x_min,
-            "max": x_max,
-            "range": data_range,
+def generation_settings(cfg: CompareConfig, features_info: dict[str, Any]) -> dict[str, Any]:
+    """The report's ``generation_settings``: seeds, sample counts, priors, features, metrics."""
+    return {
+        "seeds": cfg.seeds,
+        "n_samples": cfg.n_samples,
+        "max_samples": cfg.max_samples,
+        "k": cfg.k,
+        "prior": {
+            "continuous": f"Gaussian mixture ({cfg.prior_components} full-covariance components) "
+            f"over flattened latents, after PCA to {cfg.prior_pca} dimensions when larger",
+            "vq": "autoregressive prior over code positions (raster order)",
         },
-        "measure_config": {**asdict(cfg), "capacities": list(cfg.capacities)},
-        "generation_settings": {
-            "seeds": [cfg.seed + i for i in range(gen_seeds)],
-            "n_samples": n_samples,
-            "max_samples": max_samples,
-            "k": k,
-            "prior": {
-                "continuous": f"Gaussian mixture ({prior_components} full-covariance components) "
-                f"over flattened latents, after PCA to {prior_pca} dimensions when larger",
-                "vq": "autoregressive prior over code positions (raster order)",
-            },
-            "features": features_info,
-            "reference": "held-out data rows",
-            "metrics": {
-                "fd": "Fréchet distance between Gaussian fits in the feature space (Heusel et al., 2017)",
-                "kid": "unbiased MMD^2, cubic polynomial kernel, in the feature space, mean over "
-                "50 subsets of at most 1000 (Binkowski et al., 2018)",
-                "precision/recall/density/coverage": f"k-NN manifolds, k={k} (Naeem et al., 2020)",
-                "w2": "exact W2 between decoded samples and held-out data, in data space (POT)",
-            },
+        "features": features_info,
+        "reference": "held-out data rows",
+        "metrics": {
+            "fd": "Fréchet distance between Gaussian fits in the feature space (Heusel et al., 2017)",
+            "kid": "unbiased MMD^2, cubic polynomial kernel, in the feature space, mean over "
+            "50 subsets of at most 1000 (Binkowski et al., 2018)",
+            "precision/recall/density/coverage": f"k-NN manifolds, k={cfg.k} (Naeem et al., 2020)",
+            "w2": "exact W2 between decoded samples and held-out data, in data space (POT)",
         },
-        "probe_settings": {
-            "recipe": recipe.to_dict(),
-            "continuous": recipe.describe() if recipe.steps > 0 else "off (--probe-steps 0)",
-            "vq": "the autoregressive prior over code positions (as the baseline)",
-            "seeds": [cfg.seed + i for i in range(gen_seeds)],
-            "metrics": "as generation_settings (same features, held-out rows and sample count)",
-        },
-        "runs": results,
-        "warnings": warnings,
-        "device": str(dev),
-        "timings": {"total_s": time.perf_counter() - t_start},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    return CompareResult(report, images)
 
 
-def _code_sampler(z_train: torch.Tensor, codebook: torch.Tensor):
-    """A sampler (seed, n) -> latents: the autoregressive prior over the runs' code maps."""
-    from latentdist.evaluation.generation import CodePrior
-    from latentdist.proxies.geometry import nearest_codes
-
-    codes = nearest_codes(z_train, codebook)
-
-    def sample(seed: int, n: int) -> torch.Tensor:
-        prior = CodePrior(num_codes=len(codebook)).fit(codes, seed=seed)
-        zs = codebook.float()[prior.sample(n, seed=seed)]
-        return zs.movedim(-1, 1) if z_train.ndim == 4 else zs
-
-    return sample
-
-
-def _score_prior(
-    sampler: Any,
-    x_val: torch.Tensor,
-    seeds: list[int],
-    n_samples: int,
-    *,
-    decoder: Any,
-    extractor: Any,
-    k: int,
-    device: torch.device,
-    batch: int,
-) -> tuple[dict, torch.Tensor]:
-    """Per seed: ``sampler(seed, n)`` latents, decode, score; mean and 95 % CI per metric."""
-    from latentdist.evaluation.generation import generation_metrics
-
-    per_seed: dict[str, list[float]] = {key: [] for key in GENERATION_KEYS}
-    first = None
-    for seed in seeds:
-        fake = _decode(decoder, sampler(seed, n_samples), device, batch)
-        scores = generation_metrics(x_val, fake, extractor, k=k)
-        for key in GENERATION_KEYS:
-            per_seed[key].append(float(scores[key]))
-        if first is None:
-            first = fake
-    out: dict[str, Any] = {key: mean_ci(v) for key, v in per_seed.items()}
-    out["n_samples"] = n_samples
-    return out, first
+def probe_settings(cfg: CompareConfig) -> dict[str, Any]:
+    """The report's ``probe_settings``: the recipe, in numbers and in words."""
+    recipe = cfg.recipe
+    return {
+        "recipe": recipe.to_dict(),
+        "continuous": recipe.describe() if recipe.steps > 0 else "off (--probe-steps 0)",
+        "vq": "the autoregressive prior over code positions (as the baseline)",
+        "seeds": cfg.seeds,
+        "metrics": "as generation_settings (same features, held-out rows and sample count)",
+    }

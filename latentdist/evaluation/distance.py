@@ -34,7 +34,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -42,15 +42,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from latentdist.discrepancy import below_floor_cause
+from latentdist._io import save_json, to_json
+from latentdist._progress import progress_bar
+from latentdist.discrepancy import (
+    FEATURE_METRICS,
+    METRICS,
+    NEEDS_FIT,
+    Judge,
+    as_rows,
+    below_floor_cause,
+    resolve_features,
+    resolve_metric,
+)
 from latentdist.errors import UsageError
+from latentdist.estimator.split import distance_split
 from latentdist.estimator.stats import mean_ci
 
 __all__ = [
     "DEFAULT_METRIC",
     "DistanceResult",
-    "DistanceSplit",
-    "distance_split",
     "sample_distance",
     "sample_distances",
 ]
@@ -60,57 +70,7 @@ __all__ = [
 #: expectation, and it ranks image degradations where empirical W1/W2 at n ~ 10^3 rank them
 #: below fresh data (benchmarks/results/validity.md, V2).
 DEFAULT_METRIC: str = "mmd"
-_FEATURE_METRICS = ("fd", "kid")  # metrics that take a ``features`` map
 _MAX_N_EVAL = 1000
-
-
-@dataclass
-class DistanceSplit:
-    """Row indices of one seed: into the reference (``ref_*``) and into the samples (``smp_*``).
-
-    ``ref_fit`` trains the critic (its reference side) or the feature network; ``ref_fit_floor``
-    plays the samples' part when the critic of the floor is trained, so the floor's critic sees
-    as many rows as the distance's (``smp_fit``). All index sets within one array are disjoint.
-    """
-
-    ref_eval: np.ndarray
-    ref_floor: np.ndarray
-    ref_fit: np.ndarray
-    ref_fit_floor: np.ndarray
-    smp_eval: np.ndarray
-    smp_fit: np.ndarray
-
-
-def distance_split(
-    n_ref: int, n_samples: int, n_eval: int, seed: int, *, fit: str | None = None
-) -> DistanceSplit:
-    """The split of one seed (see the module docstring); ``fit`` is None, "features" or "critic".
-
-    * ``None``: ref_eval, ref_floor of n_eval rows each; needs n_ref >= 2 n_eval.
-    * ``"features"``: ref_fit = all remaining reference rows (the feature network's training set).
-    * ``"critic"``: the remaining reference rows are halved into ref_fit (reference side of both
-      critics) and ref_fit_floor (the floor critic's other side); the samples give smp_fit, the
-      rows after smp_eval, truncated with ref_fit_floor to a common size n_fit.
-    """
-    rng = np.random.default_rng(20_011 + seed)
-    perm_r, perm_s = rng.permutation(n_ref), rng.permutation(n_samples)
-    rest = perm_r[2 * n_eval :]
-    empty = np.zeros(0, dtype=np.int64)
-    ref_fit, ref_fit_floor, smp_fit = empty, empty, empty
-    if fit == "features":
-        ref_fit = rest
-    elif fit == "critic":
-        n_fit = min(len(rest) // 2, n_samples - n_eval)
-        ref_fit, ref_fit_floor = rest[:n_fit], rest[n_fit : 2 * n_fit]
-        smp_fit = perm_s[n_eval : n_eval + n_fit]
-    return DistanceSplit(
-        ref_eval=perm_r[:n_eval],
-        ref_floor=perm_r[n_eval : 2 * n_eval],
-        ref_fit=ref_fit,
-        ref_fit_floor=ref_fit_floor,
-        smp_eval=perm_s[:n_eval],
-        smp_fit=smp_fit,
-    )
 
 
 @dataclass
@@ -123,8 +83,6 @@ class DistanceResult:
         return self.report
 
     def to_json(self, indent: int | None = 2) -> str:
-        from latentdist._io import to_json
-
         return to_json(self.report, indent)
 
     @property
@@ -165,8 +123,6 @@ class DistanceResult:
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write ``distance.json`` into ``out_dir`` atomically; return its path."""
-        from latentdist._io import save_json
-
         path = Path(out_dir) / "distance.json"
         save_json(path, self.report)
         return path
@@ -201,31 +157,8 @@ def _describe(source: Any, what: str) -> tuple[Any, dict[str, Any]]:
             "rows": len(source),
             "shape": list(source.sample_shape),
         }
-    t = source.detach().cpu() if isinstance(source, torch.Tensor) else torch.as_tensor(source)
-    t = t.float()
-    if t.dim() < 1 or len(t) == 0:
-        raise UsageError(f"{what}: no samples")
-    if t.dim() == 1:
-        t = t[:, None]
-    if not torch.isfinite(t).all():
-        raise UsageError(f"{what}: contains NaN or Inf values")
+    t = as_rows(source, what, dtype=torch.float32, flat=False)
     return t, {"name": f"<{what} array>", "rows": len(t), "shape": list(t.shape[1:])}
-
-
-def _metric_function(metric: str):
-    from latentdist.discrepancy import METRICS
-
-    if metric not in METRICS:
-        raise UsageError(
-            f"--metric {metric}: unknown metric (expected one of: {', '.join(METRICS)})"
-        )
-    return METRICS[metric]
-
-
-def _needs_fit(metric: str) -> bool:
-    from latentdist import discrepancy as disc
-
-    return metric in getattr(disc, "NEEDS_FIT", {"critic"})
 
 
 def _space(
@@ -234,7 +167,7 @@ def _space(
     """In words: the space and kernel the metric works in (stated in every report)."""
     params = inspect.signature(fn).parameters
     dim = math.prod(shape)
-    if metric in _FEATURE_METRICS:
+    if metric in FEATURE_METRICS:
         where = {
             "identity": f"the data space itself (identity features, {dim} dimensions)",
             "learned": "a feature network trained on the reference's fit rows only "
@@ -273,26 +206,14 @@ def _space(
 
 
 def _resolve_features(
-    features: Any, metric: str, is_image: bool
+    features: Any, metric: str, shape: list[int]
 ) -> tuple[str | None, torch.nn.Module | None]:
-    """(kind, module): kind is None (metric takes no features), identity, learned, extractor, module."""
-    if metric not in _FEATURE_METRICS:
+    """(kind, module) of ``resolve_features``; kind None for a metric that takes no features."""
+    if metric not in FEATURE_METRICS:
         if features not in (None, "auto"):
             raise UsageError(f"--features applies to fd and kid only, not to --metric {metric}")
         return None, None
-    if features in (None, "auto"):
-        return ("learned" if is_image else "identity"), None
-    if features in ("identity", "learned"):
-        return features, None
-    if isinstance(features, torch.nn.Module):
-        return "module", features
-    if isinstance(features, (str, os.PathLike)):
-        from latentdist.evaluation.generation import load_feature_extractor
-
-        return "extractor", load_feature_extractor(features)
-    raise UsageError(
-        f"features: expected auto, identity, learned, a path or a module, got {features!r}"
-    )
+    return resolve_features("auto" if features is None else features, tuple(shape))
 
 
 def sample_distance(samples: Any, reference: Any, **settings: Any) -> DistanceResult:
@@ -330,11 +251,52 @@ def sample_distances(
     ``feature_steps`` steps), a TorchScript path, or a module mapping (n, *shape) -> (n, F).
     """
     t_start = time.perf_counter()
-    metric = metric or DEFAULT_METRIC
-    fn = _metric_function(metric)
-    kwargs = dict(metric_kwargs or {})
     if int(seeds) < 1:
         raise UsageError(f"--seeds {seeds}: expected an integer >= 1")
+    plan = _plan(sets, reference, metric or DEFAULT_METRIC, n_eval, features, metric_kwargs)
+    seed_list = [seed + s for s in range(int(seeds))]
+    scores = _Scores(plan.smps)
+    for s in progress_bar(
+        seed_list, desc=f"distance {plan.metric}", disable=not progress, leave=False
+    ):
+        _score_seed(plan, s, feature_steps, scores)
+    elapsed = time.perf_counter() - t_start
+    return {name: _result(plan, name, scores, seed_list, features, elapsed) for name in plan.smps}
+
+
+@dataclass
+class _Plan:
+    """What ``sample_distances`` scores, checked once: the metric, the sides, the sizes."""
+
+    metric: str
+    kwargs: dict[str, Any]
+    ref: Any
+    ref_info: dict[str, Any]
+    smps: dict[str, tuple[Any, dict[str, Any]]]
+    feature_kind: str | None
+    feature_module: torch.nn.Module | None
+    fit: str | None  # None, "features" or "critic": what trains on reference rows
+    n_eval: int
+
+
+@dataclass
+class _Scores:
+    """Per-seed values of every set, and what was trained on which rows."""
+
+    smps: dict
+    distances: dict[str, list[float]] = field(default_factory=dict)
+    floors: dict[str, list[float]] = field(default_factory=dict)
+    training: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bandwidths: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.distances = {name: [] for name in self.smps}
+        self.floors = {name: [] for name in self.smps}
+
+
+def _plan(sets, reference, metric, n_eval, features, metric_kwargs) -> _Plan:
+    """Validate the sides and settings; choose n_eval (see ``sample_distances``)."""
+    resolve_metric(metric)
     if not sets:
         raise UsageError("no sample sets given")
     ref, ref_info = _describe(reference, "reference")
@@ -347,16 +309,24 @@ def sample_distances(
                 f"the reference {ref_info['name']} has {tuple(ref_info['shape'])}"
             )
         smps[name] = (smp, smp_info)
-    is_image = len(ref_info["shape"]) == 3
-    feature_kind, feature_module = _resolve_features(features, metric, is_image)
-    critic = _needs_fit(metric)
+    feature_kind, feature_module = _resolve_features(features, metric, ref_info["shape"])
+    critic = metric in NEEDS_FIT
     fit = "critic" if critic else ("features" if feature_kind == "learned" else None)
+    n_eval = _check_sizes(ref_info, [info for _, info in smps.values()], n_eval, fit)
+    return _Plan(
+        metric, dict(metric_kwargs or {}), ref, ref_info, smps, feature_kind, feature_module,
+        fit, n_eval,
+    )  # fmt: skip
+
+
+def _check_sizes(ref_info: dict, smp_infos: list[dict], n_eval: int | None, fit) -> int:
+    """n_eval (default: at most half of each set per seed, so that the re-splits show every
+    side's variability), checked against the rows each side needs."""
     n_ref = ref_info["rows"]
-    n_smp_min = min(info["rows"] for _, info in smps.values())
+    n_smp_min = min(info["rows"] for info in smp_infos)
     # rows that must remain for training, as a multiple of n_eval (the default keeps them equal)
     fit_share = {"critic": 2, "features": 1, None: 0}[fit]
     if n_eval is None:
-        # at most half of each set per seed: the re-splits then show every side's variability
         n_eval = min(_MAX_N_EVAL, n_ref // (2 + fit_share), n_smp_min // 2)
     if n_eval < 2:
         raise UsageError(
@@ -371,8 +341,9 @@ def sample_distances(
             + (", and rows to train the " + fit + " on" if fit else "")
             + "); lower --n-eval or give more reference rows"
         )
+    critic = fit == "critic"
     need_smp = n_eval + (2 if critic else 0)
-    for _, info in smps.values():
+    for info in smp_infos:
         if info["rows"] < need_smp:
             raise UsageError(
                 f"samples {info['name']}: {info['rows']} rows, but n_eval {n_eval} needs at "
@@ -380,107 +351,116 @@ def sample_distances(
                 + (" (plus rows to train the critic on)" if critic else "")
                 + "; lower --n-eval"
             )
+    return n_eval
 
-    params = inspect.signature(fn).parameters
-    seed_list = [seed + s for s in range(int(seeds))]
-    distances: dict[str, list[float]] = {name: [] for name in smps}
-    floors: dict[str, list[float]] = {name: [] for name in smps}
-    training: dict[str, dict[str, Any]] = {}
-    bandwidths: list[float] = []
-    from tqdm.auto import tqdm
 
-    from latentdist.discrepancy import median_bandwidth
+def _score_seed(plan: _Plan, s: int, feature_steps: int, scores: _Scores) -> None:
+    """Every set's distance and floor for seed ``s``, against one judge of the seed's
+    reference rows (one kernel, one feature network for the floor and every set)."""
+    n_ref = plan.ref_info["rows"]
+    n_smp_min = min(info["rows"] for _, info in plan.smps.values())
+    kw = dict(plan.kwargs)
+    critic = plan.fit == "critic"
+    # the judge passes the split's seed to metrics that take one (sliced); the critic takes
+    # metric_kwargs' seed, else 0, for every split (as recorded results were computed)
+    judge_seed = kw.pop("seed", 0) if critic else kw.pop("seed", s)
+    features = plan.feature_module
+    if plan.feature_kind == "learned":
+        ref_fit = distance_split(n_ref, n_smp_min, plan.n_eval, s, fit=plan.fit).ref_fit
+        features = _train_features(plan.ref, ref_fit, feature_steps, s)
+        for name in plan.smps:
+            scores.training[name] = {
+                "what": "feature network",
+                "reference_rows": len(ref_fit),
+                "steps": feature_steps,
+            }
+    # the reference's rows of this seed do not depend on the samples' size
+    ref_eval = _rows(
+        plan.ref, distance_split(n_ref, n_smp_min, plan.n_eval, s, fit=plan.fit).ref_eval
+    )
+    judges: dict[int, tuple[Judge, float]] = {}  # the floor depends on the samples via n_fit
+    for name, (smp, info) in plan.smps.items():
+        sp = distance_split(n_ref, info["rows"], plan.n_eval, s, fit=plan.fit)
+        key = len(sp.smp_fit)
+        if key not in judges:
+            fit_ref = _rows(plan.ref, sp.ref_fit) if critic else None
+            judge = Judge(
+                plan.metric, ref_eval, reference_fit=fit_ref, features=features,
+                seed=judge_seed, **kw,
+            )  # fmt: skip
+            floor_fit = _rows(plan.ref, sp.ref_fit_floor) if critic else None
+            judges[key] = (judge, float(judge(_rows(plan.ref, sp.ref_floor), floor_fit)))
+        judge, floor = judges[key]
+        if plan.metric == "mmd" and name == next(iter(plan.smps)) and not kw.get("bandwidth"):
+            scores.bandwidths.append(judge.kernel["sigma"])
+        if critic:
+            scores.training[name] = {
+                "what": "critic: samples vs reference for the distance, reference vs "
+                "reference for the floor",
+                "reference_rows": len(sp.ref_fit) + len(sp.ref_fit_floor),
+                "sample_rows": len(sp.smp_fit),
+            }
+        smp_fit = _rows(smp, sp.smp_fit) if critic else None
+        scores.floors[name].append(floor)
+        scores.distances[name].append(float(judge(_rows(smp, sp.smp_eval), smp_fit)))
 
-    for s in tqdm(seed_list, desc=f"distance {metric}", disable=not progress, leave=False):
-        kw = dict(kwargs)
-        if "seed" in params and "seed" not in kw:
-            kw["seed"] = s
-        if feature_kind is not None and feature_kind != "identity":
-            module = feature_module
-            if feature_kind == "learned":
-                ref_fit = distance_split(n_ref, n_smp_min, n_eval, s, fit=fit).ref_fit
-                module = _train_features(ref, ref_fit, feature_steps, s)
-                for name in smps:
-                    training[name] = {
-                        "what": "feature network",
-                        "reference_rows": len(ref_fit),
-                        "steps": feature_steps,
-                    }
-            kw["features"] = module
-        # the reference's rows of this seed do not depend on the samples' size
-        ref_eval = _rows(ref, distance_split(n_ref, n_smp_min, n_eval, s, fit=fit).ref_eval)
-        if metric == "mmd" and kw.get("bandwidth") is None:
-            # one kernel for the floor and every set: fixed by the reference (median heuristic)
-            kw["bandwidth"] = median_bandwidth(ref_eval)
-            bandwidths.append(kw["bandwidth"])
-        floor_by_size: dict[int, float] = {}  # the floor depends on the samples only via n_fit
-        for name, (smp, info) in smps.items():
-            sp = distance_split(n_ref, info["rows"], n_eval, s, fit=fit)
-            kw_d, kw_f = dict(kw), dict(kw)
-            if critic:
-                fit_ref = _rows(ref, sp.ref_fit)
-                kw_d.update(fit_x=_rows(smp, sp.smp_fit), fit_y=fit_ref)
-                kw_f.update(fit_x=_rows(ref, sp.ref_fit_floor), fit_y=fit_ref)
-                training[name] = {
-                    "what": "critic: samples vs reference for the distance, reference vs "
-                    "reference for the floor",
-                    "reference_rows": len(sp.ref_fit) + len(sp.ref_fit_floor),
-                    "sample_rows": len(sp.smp_fit),
-                }
-            key = len(sp.smp_fit)
-            if key not in floor_by_size:
-                floor_by_size[key] = float(fn(_rows(ref, sp.ref_floor), ref_eval, **kw_f))
-            floors[name].append(floor_by_size[key])
-            distances[name].append(float(fn(_rows(smp, sp.smp_eval), ref_eval, **kw_d)))
 
-    elapsed = time.perf_counter() - t_start
-    out = {}
-    for name, (_, smp_info) in smps.items():
-        # each seed evaluates a fraction of each finite set (see mean_ci); a set evaluated
-        # whole in every seed shows no variability across seeds, so it cannot enter
-        f_ref, f_smp = n_eval / n_ref, n_eval / smp_info["rows"]
-        sampled = max(f for f in (f_ref, f_smp) if f < 1)
-        distance = mean_ci(distances[name], sampled_fraction=sampled)
-        floor = mean_ci(floors[name], sampled_fraction=f_ref)
-        # distance and floor of a seed share its reference rows: their difference is paired
-        excess = mean_ci(
-            np.subtract(distances[name], floors[name]).tolist(), sampled_fraction=sampled
+def _result(
+    plan: _Plan, name: str, scores: _Scores, seed_list: list[int], features: Any, elapsed: float
+) -> DistanceResult:
+    """One set's report: distance, floor and their paired excess, with intervals and verdict."""
+    smp_info = plan.smps[name][1]
+    ref_info, n_eval, metric = plan.ref_info, plan.n_eval, plan.metric
+    # each seed evaluates a fraction of each finite set (see mean_ci); a set evaluated
+    # whole in every seed shows no variability across seeds, so it cannot enter
+    f_ref, f_smp = n_eval / ref_info["rows"], n_eval / smp_info["rows"]
+    sampled = max(f for f in (f_ref, f_smp) if f < 1)
+    distances, floors = scores.distances[name], scores.floors[name]
+    distance = mean_ci(distances, sampled_fraction=sampled)
+    floor = mean_ci(floors, sampled_fraction=f_ref)
+    # distance and floor of a seed share its reference rows: their difference is paired
+    excess = mean_ci(np.subtract(distances, floors).tolist(), sampled_fraction=sampled)
+    verdict = _verdict(excess)
+    warnings = []
+    if f_smp >= 1 and len(seed_list) > 1:
+        warnings.append(
+            f"every seed scores all {smp_info['rows']} sample rows (n_eval {n_eval}): the "
+            "interval does not carry the samples' own sampling variability; give more "
+            "samples or a lower --n-eval"
         )
-        verdict = _verdict(excess)
-        warnings = []
-        if f_smp >= 1 and len(seed_list) > 1:
-            warnings.append(
-                f"every seed scores all {smp_info['rows']} sample rows (n_eval {n_eval}): the "
-                "interval does not carry the samples' own sampling variability; give more "
-                "samples or a lower --n-eval"
-            )
-        if verdict == "below":
-            cause = below_floor_cause(metric, n_eval, math.prod(ref_info["shape"]))
-            warnings.append(
-                "the samples score below the floor (the interval of their excess over it lies "
-                f"below 0): {cause}"
-            )
-        report = {
-            "metric": metric,
-            "metric_kwargs": dict(kwargs),
-            "space": _space(metric, fn, features, feature_kind or "", kwargs, ref_info["shape"]),
-            "features": feature_kind,
-            "kernel_bandwidth_per_seed": bandwidths or None,
-            "n_eval": n_eval,
-            "seeds": seed_list,
-            "distance": distance,
-            "floor": floor,
-            "excess": excess,
-            "verdict": verdict,
-            "training": training.get(name),
-            "samples": smp_info,
-            "reference": ref_info,
-            "warnings": warnings,
-            "timings": {"total_s": elapsed, "sets_scored_together": len(smps)},
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        out[name] = DistanceResult(report)
-    return out
+    if verdict == "below":
+        cause = below_floor_cause(metric, n_eval, math.prod(ref_info["shape"]))
+        warnings.append(
+            "the samples score below the floor (the interval of their excess over it lies "
+            f"below 0): {cause}"
+        )
+    report = {
+        "metric": metric,
+        "metric_kwargs": dict(plan.kwargs),
+        "space": _space(
+            metric,
+            METRICS[metric],
+            features,
+            plan.feature_kind or "",
+            plan.kwargs,
+            ref_info["shape"],
+        ),  # fmt: skip
+        "features": plan.feature_kind,
+        "kernel_bandwidth_per_seed": scores.bandwidths or None,
+        "n_eval": n_eval,
+        "seeds": seed_list,
+        "distance": distance,
+        "floor": floor,
+        "excess": excess,
+        "verdict": verdict,
+        "training": scores.training.get(name),
+        "samples": smp_info,
+        "reference": ref_info,
+        "warnings": warnings,
+        "timings": {"total_s": elapsed, "sets_scored_together": len(plan.smps)},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return DistanceResult(report)
 
 
 def _verdict(excess: dict) -> str:
@@ -504,9 +484,6 @@ def _train_features(ref: Any, rows: np.ndarray, steps: int, seed: int) -> torch.
     Training is deterministic in (rows' content, labels, steps, seed), so the last few networks
     are kept by a content hash: fd and kid on the same split then share one network.
     """
-    from latentdist.data.source import DataSource
-    from latentdist.evaluation.generation import train_feature_net
-
     x = _rows(ref, rows)
     labels = getattr(ref, "labels", None)
     labels = None if labels is None else np.asarray(labels)[rows]
@@ -518,13 +495,15 @@ def _train_features(ref: Any, rows: np.ndarray, steps: int, seed: int) -> torch.
     if key in _FEATURE_CACHE:
         _FEATURE_CACHE.move_to_end(key)
         return _FEATURE_CACHE[key]
-    sub = DataSource(
-        f"{getattr(ref, 'name', 'reference')}[fit rows]",
-        x.numpy(),
-        kind="images" if x.dim() == 4 else "vectors",
+    _, net = resolve_features(
+        "learned",
+        tuple(x.shape[1:]),
+        fit_rows=x,
         labels=labels,
+        steps=steps,
+        seed=seed,
+        name=f"{getattr(ref, 'name', 'reference')}[fit rows]",
     )
-    net = train_feature_net(sub, steps=steps, seed=seed)
     _FEATURE_CACHE[key] = net
     while len(_FEATURE_CACHE) > _FEATURE_CACHE_SIZE:
         _FEATURE_CACHE.popitem(last=False)

@@ -1,20 +1,21 @@
 """Generation-quality metrics and latent priors for ``latentdist compare`` (docs/metrics.md).
 
-* ``frechet_distance``: Frechet distance between Gaussians fitted to two feature sets (FID-style).
-* ``kid``: kernel inception distance, the unbiased MMD^2 with a cubic polynomial kernel
-  averaged over subsets (Binkowski et al. 2018).
+* ``kid_subsets``: kernel inception distance, the unbiased MMD^2 with a cubic polynomial kernel
+  averaged over random subsets (Binkowski et al. 2018; ``latentdist.discrepancy.kid`` is the
+  same estimator on the whole samples).
 * ``prdc``: precision, recall, density, coverage of k-NN manifolds (Naeem et al. 2020).
 * ``GaussianMixturePrior`` / ``CodePrior``: priors fitted to continuous latents / VQ code maps,
   so a decoder can be fed *generated* latents rather than encodings of real data.
-* ``FeatureNet`` / ``train_feature_net`` / ``load_feature_extractor``: the feature space.
-* ``generation_metrics``: all of the above in one dict, plus the data-space W2.
+* ``generation_metrics``: the Frechet distance, ``kid_subsets`` and ``prdc`` in one feature space,
+  plus the data-space W2.
+
+The Frechet distance and the feature space (``FeatureNet``, ``train_feature_net``,
+``load_feature_extractor``) live in the metric layer, ``latentdist.discrepancy``.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -25,82 +26,22 @@ from sklearn.neighbors import NearestNeighbors
 from threadpoolctl import threadpool_limits
 from torch import nn
 
-from latentdist._shapes import pixel_budget_batch
-from latentdist.data.source import DataSource
-from latentdist.discrepancy import w2
+from latentdist.discrepancy import as_rows, extract_features, frechet_distance, kid, w2
 from latentdist.errors import UsageError
 
 __all__ = [
     "CodePrior",
-    "FeatureNet",
     "GaussianMixturePrior",
-    "frechet_distance",
-    "frechet_distance_gaussians",
     "generation_metrics",
-    "kid",
-    "load_feature_extractor",
+    "kid_subsets",
     "prdc",
-    "train_feature_net",
 ]
-
-
-def _np2d(a: Any, name: str) -> np.ndarray:
-    """(n, ...) array or tensor -> float64 (n, D) NumPy array; rejects empty or non-finite input."""
-    if isinstance(a, torch.Tensor):
-        a = a.detach().cpu().numpy()
-    arr = np.asarray(a, dtype=np.float64)
-    if arr.ndim == 0 or len(arr) == 0:
-        raise UsageError(f"{name}: empty feature set")
-    arr = arr.reshape(len(arr), -1)
-    if not np.isfinite(arr).all():
-        raise UsageError(f"{name}: contains NaN or Inf values")
-    return arr
-
-
-# ---------------------------------------------------------------- Frechet distance
-
-
-def frechet_distance_gaussians(
-    mu_a: np.ndarray, cov_a: np.ndarray, mu_b: np.ndarray, cov_b: np.ndarray
-) -> float:
-    """Frechet (= W2^2) distance between N(mu_a, cov_a) and N(mu_b, cov_b) (Dowson & Landau 1982).
-
-    FD = |mu_a - mu_b|^2 + Tr(cov_a + cov_b - 2 (cov_a cov_b)^{1/2}). The trace of the square
-    root is taken from the eigenvalues of the symmetric PSD matrix cov_a^{1/2} cov_b cov_a^{1/2},
-    which has the same square-root trace as cov_a cov_b and, unlike ``scipy.linalg.sqrtm`` of the
-    non-symmetric product, stays exact and real when the covariances are singular (few samples).
-    """
-    mu_a, mu_b = np.atleast_1d(mu_a).astype(np.float64), np.atleast_1d(mu_b).astype(np.float64)
-    cov_a, cov_b = np.atleast_2d(cov_a).astype(np.float64), np.atleast_2d(cov_b).astype(np.float64)
-    w, v = np.linalg.eigh(cov_a)
-    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    product = root_a @ cov_b @ root_a
-    tr_covmean = float(
-        np.sqrt(np.clip(np.linalg.eigvalsh((product + product.T) / 2), 0, None)).sum()
-    )
-    diff = mu_a - mu_b
-    return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * tr_covmean)
-
-
-def frechet_distance(feat_a: Any, feat_b: Any) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets (FID; Heusel et al. 2017).
-
-    FD = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^{1/2}) with sample means mu and unbiased
-    (ddof = 1) covariances S of ``feat_a`` (n, F) and ``feat_b`` (m, F); squared feature units.
-    """
-    a, b = _np2d(feat_a, "feat_a"), _np2d(feat_b, "feat_b")
-    if a.shape[1] != b.shape[1]:
-        raise UsageError(f"frechet_distance: feature sizes differ ({a.shape[1]} vs {b.shape[1]})")
-    if len(a) < 2 or len(b) < 2:
-        raise UsageError("frechet_distance: each feature set needs at least 2 samples")
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    return frechet_distance_gaussians(a.mean(0), cov_a, b.mean(0), cov_b)
 
 
 # ---------------------------------------------------------------- kernel inception distance
 
 
-def kid(
+def kid_subsets(
     feat_a: Any,
     feat_b: Any,
     *,
@@ -120,20 +61,18 @@ def kid(
     as in torch-fidelity and clean-fid (100 subsets of 1000). Zero in expectation when both
     sets come from one distribution; it can be slightly negative. Squared kernel units.
     """
-    a, b = _np2d(feat_a, "feat_a"), _np2d(feat_b, "feat_b")
+    a, b = as_rows(feat_a, "feat_a").numpy(), as_rows(feat_b, "feat_b").numpy()
     if a.shape[1] != b.shape[1]:
         raise UsageError(f"kid: feature sizes differ ({a.shape[1]} vs {b.shape[1]})")
     m = min(subset_size, len(a), len(b))
     if m < 2 or n_subsets < 1:
         raise UsageError("kid: need at least 2 samples in each set and n_subsets >= 1")
-    from latentdist.discrepancy import kid as kid_whole  # the estimator on one subset
-
     rng = np.random.default_rng(seed)
     total = 0.0
     for _ in range(n_subsets):
         x = a[rng.choice(len(a), m, replace=False)]
         y = b[rng.choice(len(b), m, replace=False)]
-        total += kid_whole(x, y)
+        total += kid(x, y)  # the whole-sample estimator on one subset
     return float(total / n_subsets)
 
 
@@ -158,7 +97,8 @@ def prdc(real_feats: Any, fake_feats: Any, *, k: int = 5) -> dict[str, float]:
     * density   = 1/(kM) sum_j sum_i 1[Y_j in B(X_i, NND_k(X_i))]   (1 in expectation if P = Q)
     * coverage  = 1/N sum_i 1[exists j: Y_j in B(X_i, NND_k(X_i))]
     """
-    real, fake = _np2d(real_feats, "real_feats"), _np2d(fake_feats, "fake_feats")
+    real = as_rows(real_feats, "real_feats").numpy()
+    fake = as_rows(fake_feats, "fake_feats").numpy()
     if real.shape[1] != fake.shape[1]:
         raise UsageError(f"prdc: feature sizes differ ({real.shape[1]} vs {fake.shape[1]})")
     if k < 1 or len(real) <= k or len(fake) <= k:
@@ -215,7 +155,7 @@ class GaussianMixturePrior:
         if arr.ndim < 2 or len(arr) < 2:
             raise UsageError("GaussianMixturePrior.fit: need latents of shape (N >= 2, ...)")
         self.latent_shape = tuple(arr.shape[1:])
-        flat = _np2d(arr, "latents")
+        flat = as_rows(arr, "latents").numpy()
         if flat.shape[1] > self.n_pca:
             self.pca = PCA(n_components=min(self.n_pca, len(flat)), random_state=self.seed)
             flat = self.pca.fit_transform(flat)
@@ -348,160 +288,6 @@ class CodePrior:
         return seq[:, w:].reshape(n, *self.code_shape)
 
 
-# ---------------------------------------------------------------- feature space
-
-
-class FeatureNet(nn.Module):
-    """Feature extractor for the Frechet distance; ``forward`` returns the penultimate layer.
-
-    Images (C, H, W): conv 3x3 (32) -> conv 3x3 stride 2 (64) -> conv 3x3 stride 2 (64) ->
-    global average pool -> linear (``feat_dim``) -> ReLU. Vectors: MLP 256 -> ``feat_dim``.
-    ``head`` maps the trunk's output to class logits (supervised) or back to the input (denoising
-    AE). The features are the trunk's output standardised, (trunk(x) - shift) / scale, with the
-    buffers set after training from the training rows (``standardise``).
-    """
-
-    def __init__(self, sample_shape: tuple[int, ...], n_out: int, feat_dim: int = 64) -> None:
-        super().__init__()
-        self.sample_shape = tuple(sample_shape)
-        if len(sample_shape) == 3:
-            c = sample_shape[0]
-            self.trunk: nn.Module = nn.Sequential(
-                nn.Conv2d(c, 32, 3, padding=1),
-                nn.ReLU(),
-                nn.Conv2d(32, 64, 3, stride=2, padding=1),
-                nn.ReLU(),
-                nn.Conv2d(64, 64, 3, stride=2, padding=1),
-                nn.ReLU(),
-                nn.AdaptiveAvgPool2d(1),
-                nn.Flatten(),
-                nn.Linear(64, feat_dim),
-                nn.ReLU(),
-            )
-        else:
-            d = math.prod(sample_shape)
-            self.trunk = nn.Sequential(
-                nn.Flatten(), nn.Linear(d, 256), nn.ReLU(), nn.Linear(256, feat_dim), nn.ReLU()
-            )
-        self.head = nn.Linear(feat_dim, n_out)
-        self.register_buffer("shift", torch.zeros(feat_dim))
-        self.register_buffer("scale", torch.ones(()))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.trunk(x) - self.shift) / self.scale
-
-    @torch.no_grad()
-    def standardise(self, batches: Iterable[torch.Tensor]) -> None:
-        """shift = the mean feature over the samples of ``batches``; scale = the root mean
-        per-dimension variance.
-
-        One scale for all dimensions keeps the feature geometry (FD scales by 1/scale^2); it
-        fixes the size that training happened to give the features, which otherwise varies by
-        orders of magnitude between seeds and puts KID's cubic kernel out of range.
-        """
-        f = torch.cat([extract_features(self.trunk, x) for x in batches])
-        self.shift.copy_(f.mean(0))
-        self.scale.copy_(f.var(0).mean().sqrt().clamp_min(1e-12))
-
-
-def train_feature_net(
-    source: DataSource,
-    steps: int = 500,
-    seed: int = 0,
-    *,
-    rows: np.ndarray | None = None,
-    batch_size: int | None = None,
-    lr: float = 1e-3,
-    noise: float = 0.2,
-) -> FeatureNet:
-    """Train the default feature space on the rows ``rows`` of ``source`` (default all; CPU;
-    returns the net in eval mode). Rows are read a batch at a time (``source.take``), so an
-    image folder larger than memory is never decoded whole.
-
-    ``batch_size`` defaults to 128, or for images above 32 x 32 pixels as many as hold the
-    pixels of 128 such images (at least 16: ``latentdist._shapes.pixel_budget_batch``), so that
-    training it on photographs costs what it costs on CIFAR-sized images.
-
-    With labels (``source.labels``, as the built-ins carry): a classifier, cross-entropy on
-    ``head(features)``; features are its penultimate layer (as Inception features are for FID).
-    Without labels: a denoising autoencoder (Vincent et al. 2008): ``head`` reconstructs x from
-    x + ``noise`` * std(x) * N(0, I) through the features, squared error. The features are then
-    standardised on (up to 5000 of) the training rows (``FeatureNet.standardise``).
-    """
-    labels = getattr(source, "labels", None)
-    if batch_size is None:
-        batch_size = pixel_budget_batch(tuple(source.sample_shape), 128, 32 * 32, 16)
-    torch.manual_seed(seed)
-    rows = np.arange(len(source)) if rows is None else np.asarray(rows)
-    if labels is not None:
-        y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-        if len(y) != len(source):
-            raise UsageError(f"{source.name}: {len(y)} labels for {len(source)} samples")
-        net = FeatureNet(source.sample_shape, int(y[rows].max()) + 1)
-    else:
-        net = FeatureNet(source.sample_shape, math.prod(source.sample_shape))
-        std = _streamed_std(source, rows, batch_size)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    net.train()
-    for _ in range(steps):
-        idx = rows[torch.randint(len(rows), (min(batch_size, len(rows)),), generator=gen)]
-        xb = source.take(idx)
-        if labels is not None:
-            loss = nn.functional.cross_entropy(net.head(net.trunk(xb)), y[idx])
-        else:
-            noisy = xb + noise * std * torch.randn(xb.shape, generator=gen)
-            loss = nn.functional.mse_loss(net.head(net.trunk(noisy)), xb.flatten(1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
-    picked = rows[torch.randperm(len(rows), generator=gen)[:5000].numpy()]
-    net.standardise(
-        source.take(picked[i : i + batch_size]) for i in range(0, len(picked), batch_size)
-    )
-    return net
-
-
-def _streamed_std(source: DataSource, rows: np.ndarray, chunk: int) -> float:
-    """The standard deviation (n - 1) of every entry of the rows ``rows``, read ``chunk`` rows
-    at a time and summed in float64."""
-    total = squares = 0.0
-    for i in range(0, len(rows), chunk):
-        block = source.take(rows[i : i + chunk]).double()
-        total += float(block.sum())
-        squares += float(block.square().sum())
-    n = len(rows) * math.prod(source.sample_shape)
-    return math.sqrt(max(squares - total * total / n, 0.0) / max(n - 1, 1))
-
-
-def load_feature_extractor(path: str | os.PathLike) -> nn.Module:
-    """Load a user's TorchScript feature extractor (``torch.jit.save`` file) in eval mode.
-
-    TorchScript archives hold code and tensors, not arbitrary pickled objects.
-    """
-    p = os.fspath(path)
-    if not os.path.isfile(p):
-        raise UsageError(f"{p}: no such feature-extractor file")
-    try:
-        module = torch.jit.load(p, map_location="cpu")
-    except Exception as err:  # torch raises several types for a non-TorchScript file
-        raise UsageError(f"{p}: not a TorchScript module ({type(err).__name__})") from None
-    return module.eval()
-
-
-@torch.no_grad()
-def extract_features(net: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """``net`` applied to ``x`` in batches on the net's device: (n, F) float64 CPU tensor."""
-    params = list(net.parameters())
-    device = params[0].device if params else torch.device("cpu")
-    out = [
-        net(x[s : s + batch_size].to(device, torch.float32)).flatten(1).cpu()
-        for s in range(0, len(x), batch_size)
-    ]
-    return torch.cat(out).double()
-
-
 def _features(net: nn.Module, x: torch.Tensor, batch_size: int = 512) -> np.ndarray:
     return extract_features(net, x, batch_size).numpy()
 
@@ -511,8 +297,8 @@ def generation_metrics(
 ) -> dict[str, float]:
     """Sample-quality metrics of generated samples ``fake`` against data ``real``.
 
-    ``fd``: ``frechet_distance`` in the space of ``features``; ``kid``: ``kid`` in the same
-    space (subsets of at most 1000, 50 subsets); ``precision``, ``recall``,
+    ``fd``: ``frechet_distance`` in the space of ``features``; ``kid``: ``kid_subsets`` in the
+    same space (subsets of at most 1000, 50 subsets); ``precision``, ``recall``,
     ``density``, ``coverage``: ``prdc`` with ``k`` in the same space; ``w2``: exact data-space
     W2 (``latentdist.discrepancy.w2``) between the flattened samples.
     """
@@ -527,7 +313,7 @@ def generation_metrics(
     features.eval()
     fr, ff = _features(features, real_t), _features(features, fake_t)
     features.train(was_training)
-    out = {"fd": frechet_distance(fr, ff), "kid": kid(fr, ff, n_subsets=50)}
+    out = {"fd": frechet_distance(fr, ff), "kid": kid_subsets(fr, ff, n_subsets=50)}
     out.update(prdc(fr, ff, k=k))
     out["w2"] = w2(real_t, fake_t)
     return out

@@ -20,9 +20,11 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 from scipy.stats import norm
+from sklearn.cluster import KMeans
 
 from latentdist.data.source import DataSource
 from latentdist.estimator.stats import mean_ci
+from latentdist.evaluation.distance import sample_distances
 
 __all__ = [
     "DEGRADATIONS",
@@ -55,8 +57,6 @@ def degrade(src: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, np.ndar
     5 classes / 1 class: rows of classes 0-4 / class 0 drawn with replacement (``src`` holds
     about N/2 and N/10 of them).
     """
-    from sklearn.cluster import KMeans
-
     n = len(src)
     flat = src.reshape(n, -1)
     rng = np.random.default_rng(seed)
@@ -91,8 +91,6 @@ def ladder_distances(
     degraded set is built from (``degrade``); all sets are scored on the same reference split.
     Needs ``source.labels``.
     """
-    from latentdist.evaluation.distance import sample_distances
-
     everything = source.take().numpy()
     labels = np.asarray(source.labels)
     rows = rows or len(everything)

@@ -47,7 +47,7 @@ def channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
 
 
-def _member_seed(seed: int, capacity: int | None) -> int:
+def member_seed(seed: int, capacity: int | None) -> int:
     """Initialisation seed of a member: distinct per (seed, capacity), stable across runs."""
     return (seed * 1_000_003 + (capacity or 0) * 7919) % (2**31)
 
@@ -78,7 +78,7 @@ class _Bucket(nn.Module):
         )
         padded, masks, self.params_count = [], [], []
         for capacity, seed in zip(capacities, seeds, strict=True):
-            torch.manual_seed(_member_seed(seed, capacity))
+            torch.manual_seed(member_seed(seed, capacity))
             small = make_generator(family, latent_shape, data_shape, capacity, depth)
             big = make_generator(family, latent_shape, data_shape, widest, depth)
             mask = {}

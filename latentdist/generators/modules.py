@@ -149,8 +149,16 @@ def make_generator(
     raise UsageError(f"--generator {family}: expected one of {', '.join(FAMILIES)}")
 
 
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def count_params(*modules: nn.Module | None) -> int:
+    """Number of scalars in the modules' parameters and learned buffers (an EMA codebook);
+    None entries count 0."""
+    total = 0
+    for m in modules:
+        if m is None:
+            continue
+        total += sum(p.numel() for p in m.parameters())
+        total += sum(b.numel() for name, b in m.named_buffers() if name.endswith("codebook"))
+    return total
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Rows read on demand: fitting and evaluation on a data set larger than memory.
+"""The rows a measurement reads: validated inputs, the rows its splits use, read on demand.
 
 ``measure`` normally loads the rows its splits use (up to ``max_train_rows`` training rows plus
 the held-out ones) into one float32 block. When that block would not fit in the memory this
@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from latentdist.discrepancy import as_rows
 
 # stream when the block would take more than this fraction of the memory available to this
 # process (MemAvailable shared among the processes torchrun started on this node)
@@ -82,27 +84,72 @@ class LazyRows:
         return out.reshape(*idx.shape, *self.shape[1:]).to(self.device)
 
 
-def gather_lazy(source: Any, splits: list, fields: tuple[str, ...], rows: torch.Tensor | None):
-    """As ``measure._gather``, but the rows stay where they are: the splits' ``fields`` are
-    renumbered into positions of a ``LazyRows``."""
-    if rows is None:
-        rows = torch.unique(torch.cat([getattr(sp, f) for sp in splits for f in fields]))
-    position = torch.full((len(source),), -1, dtype=torch.long)
+def is_source(x: Any) -> bool:
+    """True for a DataSource (maybe memory-mapped, maybe a lazily decoded image folder)."""
+    return hasattr(x, "take") and hasattr(x, "sample_shape")
+
+
+def as_input(x: Any, what: str) -> Any:
+    """A DataSource as it is; anything else as float32 rows, non-empty and finite."""
+    if is_source(x):
+        return x
+    return as_rows(x, what, dtype=torch.float32, flat=False, device=None)
+
+
+def sample_shape(x: Any) -> tuple[int, ...]:
+    return tuple(x.sample_shape if is_source(x) else x.shape[1:])
+
+
+def used_rows(splits: list, fields: tuple[str, ...]) -> torch.Tensor:
+    """The sorted row indices that the splits' ``fields`` use."""
+    return torch.unique(torch.cat([getattr(sp, f) for sp in splits for f in fields]))
+
+
+def _renumber(n: int, splits: list, fields: tuple[str, ...], rows: torch.Tensor) -> None:
+    """Replace the splits' ``fields`` (indices into ``n`` rows) by positions within ``rows``."""
+    position = torch.full((n,), -1, dtype=torch.long)
     position[rows] = torch.arange(len(rows))
     for sp in splits:
         for f in fields:
             setattr(sp, f, position[getattr(sp, f)])
+
+
+def gather(source: Any, splits: list, fields: tuple[str, ...], rows: torch.Tensor | None = None):
+    """Load only the rows the splits use (a large memory-mapped file is never read whole) and
+    renumber the splits' ``fields`` into the loaded block. ``rows`` fixes the row set, so that
+    latents and data loaded with the same rows stay aligned (paired fitting relies on it)."""
+    if rows is None:
+        rows = used_rows(splits, fields)
+    block = source.take(rows.numpy()) if is_source(source) else source[rows]
+    _renumber(len(source), splits, fields, rows)
+    return block
+
+
+def gather_lazy(source: Any, splits: list, fields: tuple[str, ...], rows: torch.Tensor | None):
+    """As ``gather``, but the rows stay where they are: the splits' ``fields`` are renumbered
+    into positions of a ``LazyRows``."""
+    if rows is None:
+        rows = used_rows(splits, fields)
+    _renumber(len(source), splits, fields, rows)
     return LazyRows(source, rows)
 
 
-def gather(source: Any, splits: list, fields: tuple[str, ...], rows, load, is_source: bool):
-    """``load(source, splits, fields, rows)`` (``measure._gather``), or a ``LazyRows`` when
-    ``source`` is a DataSource whose rows would not fit in memory (``should_stream``)."""
+def gather_or_stream(source: Any, splits: list, fields: tuple[str, ...], rows=None):
+    """``gather``, or a ``LazyRows`` when ``source`` is a DataSource whose rows would not fit
+    in memory (``should_stream``)."""
     if rows is None:
-        rows = torch.unique(torch.cat([getattr(sp, f) for sp in splits for f in fields]))
-    if is_source and should_stream(len(rows), tuple(source.sample_shape)):
+        rows = used_rows(splits, fields)
+    if is_source(source) and should_stream(len(rows), tuple(source.sample_shape)):
         return gather_lazy(source, splits, fields, rows)
-    return load(source, splits, fields, rows)
+    return gather(source, splits, fields, rows)
+
+
+def subsample(rows: torch.Tensor, cap: int, seed: int) -> torch.Tensor:
+    """At most ``cap`` of ``rows``, a random choice fixed by ``seed``."""
+    if len(rows) <= cap:
+        return rows
+    g = torch.Generator().manual_seed(seed)
+    return rows[torch.randperm(len(rows), generator=g)[:cap]]
 
 
 def is_lazy(x: Any) -> bool:

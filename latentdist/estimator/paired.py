@@ -1,0 +1,161 @@
+"""The uncertainty of a critical capacity, and two latents compared as a paired experiment.
+
+Two runs measured with the same data, seeds and settings are scored on the same held-out rows
+by the same judges: seed s's reference sample, kernel and floor are shared. The question a user
+asks is the difference D_c(A) - D_c(B), and its per-seed values cancel the reference sample's
+noise, which dominates each run's interval alone (common random numbers; Efron & Tibshirani
+1993, the paired bootstrap). Critical capacities get their uncertainty from a bootstrap over
+seeds: resample the seeds with replacement, recompute the curve's means, take the smallest
+determined capacity whose mean is within epsilon; for two runs the same resampled seeds serve
+both, so their difference is paired too.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from latentdist.errors import UsageError
+from latentdist.estimator.stats import mean_ci
+
+BOOTSTRAP_REPLICATES = 2000
+_LEVEL = 0.95
+
+
+def _capacities(curve: list[dict]) -> list:
+    return [e["capacity"] for e in curve]
+
+
+def _critical_indices(curve: list[dict], epsilon: float, draws: np.ndarray) -> np.ndarray:
+    """Per bootstrap draw (rows of seed indices), the index of the critical capacity in
+    ``curve``, or len(curve) when no determined capacity reaches epsilon."""
+    values = np.array([e["distance"]["per_seed"] for e in curve], dtype=float)  # (caps, seeds)
+    means = values[:, draws].mean(-1)  # (caps, draws)
+    ok = (means <= epsilon) & ~np.array([bool(e.get("undetermined")) for e in curve])[:, None]
+    first = np.where(ok.any(0), ok.argmax(0), len(curve))
+    return first
+
+
+def _draws(n_seeds: int, replicates: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n_seeds, (replicates, n_seeds))
+
+
+def _quantile_index(indices: np.ndarray, q: float) -> int:
+    return int(np.quantile(indices, q, method="inverted_cdf"))
+
+
+def critical_interval(
+    curve: list[dict], epsilon: float, replicates: int = BOOTSTRAP_REPLICATES, seed: int = 0
+) -> dict[str, Any]:
+    """A 95 % bootstrap interval of the critical capacity over seeds (percentile method; the
+    threshold epsilon is held fixed). ``interval``: [lo, hi] in capacities, None for "beyond
+    the sweep"; ``share``: how often each capacity (and ``"none"``) was critical."""
+    n_seeds = len(curve[0]["distance"]["per_seed"])
+    if n_seeds < 2:
+        return {"interval": None, "method": "one seed: no bootstrap", "share": None}
+    caps = _capacities(curve)
+    first = _critical_indices(curve, epsilon, _draws(n_seeds, replicates, seed))
+    label = [str(c) for c in caps] + ["none"]
+    lo, hi = (_quantile_index(first, q) for q in ((1 - _LEVEL) / 2, (1 + _LEVEL) / 2))
+    counts = np.bincount(first, minlength=len(caps) + 1) / replicates
+    return {
+        "interval": [caps[lo] if lo < len(caps) else None, caps[hi] if hi < len(caps) else None],
+        "method": f"percentile bootstrap over seeds, {replicates} replicates, epsilon fixed; "
+        "null: not reached within the sweep",
+        "share": {label[k]: round(float(v), 4) for k, v in enumerate(counts) if v > 0},
+    }
+
+
+def _check_comparable(a: dict, b: dict) -> None:
+    for key in ("metric", "seeds", "n_eval"):
+        if a[key] != b[key]:
+            raise UsageError(
+                f"paired difference: the runs differ in {key} ({a[key]} vs {b[key]}); measure "
+                "both with the same settings"
+            )
+    if a["data"]["rows"] != b["data"]["rows"] or a["floor"] != b["floor"]:
+        raise UsageError(
+            "paired difference: the runs were not scored on the same held-out rows (their "
+            "floors differ); measure both on the same data with the same settings"
+        )
+    if _capacities(a["curve"]) != _capacities(b["curve"]):
+        raise UsageError("paired difference: the runs' capacity sweeps differ")
+
+
+def _log2_step(caps: list, i: int, j: int) -> float | None:
+    """log2(cap_i / cap_j) with 'beyond the sweep' as None."""
+    if i >= len(caps) or j >= len(caps) or not caps[i] or not caps[j]:
+        return None
+    return math.log2(caps[i] / caps[j])
+
+
+def paired_difference(
+    a: dict[str, Any], b: dict[str, Any], replicates: int = BOOTSTRAP_REPLICATES, seed: int = 0
+) -> dict[str, Any]:
+    """D_c(A) - D_c(B) per capacity, seed by seed, with its interval (``mean_ci``, widened for
+    the fraction of the rows each seed evaluates), and the paired bootstrap of the two
+    critical capacities. ``a``, ``b``: two ``measure`` reports of the same data and settings."""
+    _check_comparable(a, b)
+    sampled = a["n_eval"] / a["data"]["rows"]
+    curve = []
+    for ea, eb in zip(a["curve"], b["curve"], strict=True):
+        diff = np.subtract(ea["distance"]["per_seed"], eb["distance"]["per_seed"]).tolist()
+        curve.append({"capacity": ea["capacity"], **mean_ci(diff, sampled_fraction=sampled)})
+    caps = _capacities(a["curve"])
+    critical = {
+        "a": a["critical_capacity"]["capacity"],
+        "b": b["critical_capacity"]["capacity"],
+    }
+    n_seeds = len(a["seeds"])
+    if n_seeds >= 2:
+        draws = _draws(n_seeds, replicates, seed)
+        ia = _critical_indices(a["curve"], a["critical_capacity"]["epsilon"], draws)
+        ib = _critical_indices(b["curve"], b["critical_capacity"]["epsilon"], draws)
+        steps = ia - ib  # capacity steps of the sweep; beyond the sweep counts as one more step
+        critical.update(
+            a_smaller_share=round(float((ia < ib).mean()), 4),
+            b_smaller_share=round(float((ib < ia).mean()), 4),
+            steps_interval=[
+                int(np.quantile(steps, q, method="inverted_cdf")) for q in (0.025, 0.975)
+            ],
+            log2_ratio=_log2_step(caps, _index(caps, critical["a"]), _index(caps, critical["b"])),
+            method=f"paired percentile bootstrap over seeds ({replicates} replicates): the same "
+            "resampled seeds for both runs; steps_interval in steps of the capacity sweep",
+        )
+    return {"curve": curve, "critical_capacity": critical}
+
+
+def _index(caps: list, cap: Any) -> int:
+    return caps.index(cap) if cap in caps else len(caps)
+
+
+def verdict(name_a: str, name_b: str, diff: dict[str, Any], a: dict, b: dict) -> dict[str, Any]:
+    """Which run needs the smaller generator, and whether the data can tell: the critical
+    capacities with their intervals, the paired differences that say so."""
+    separated = [e for e in diff["curve"] if e["ci"] and (e["ci"][0] > 0 or e["ci"][1] < 0)]
+    crit = diff["critical_capacity"]
+    share_a, share_b = crit.get("a_smaller_share", 0.0), crit.get("b_smaller_share", 0.0)
+    if share_a >= _LEVEL and separated:
+        smaller, can_tell = name_a, True
+    elif share_b >= _LEVEL and separated:
+        smaller, can_tell = name_b, True
+    else:
+        smaller, can_tell = None, bool(separated)
+    closer = None
+    if separated:
+        below = sum(e["mean"] < 0 for e in separated)
+        closer = name_a if below * 2 > len(separated) else name_b
+    return {
+        "smaller_generator": smaller,
+        "closer_to_data": closer,
+        "can_tell": can_tell,
+        "separated_capacities": [e["capacity"] for e in separated],
+        "critical": {name_a: _crit(a), name_b: _crit(b)},
+    }
+
+
+def _crit(report: dict) -> dict[str, Any]:
+    c = report["critical_capacity"]
+    return {"capacity": c["capacity"], "interval": c.get("interval")}
