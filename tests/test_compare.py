@@ -126,6 +126,28 @@ def test_same_settings_and_seeds_across_runs(compared):
         )
 
 
+def test_runs_are_compared_as_a_paired_experiment(compared):
+    """Every pair of runs gets D_c(a) - D_c(b) seed by seed, on the same rows; the external
+    pair is the joint run's own encoder, so their difference is exactly 0 and nothing can be
+    told; the verdict opens the printed table."""
+    _, report, output = compared
+    dae, joint, ext = report["runs"]
+    pairs = {(d["a"], d["b"]): d for d in report["difference"]}
+    assert set(pairs) == {("dae", "joint"), ("dae", "ext"), ("joint", "ext")}
+    for e, ea, eb in zip(
+        pairs[("dae", "joint")]["curve"], dae["measure"]["curve"], joint["measure"]["curve"],
+        strict=True,
+    ):  # fmt: skip
+        want = np.subtract(ea["distance"]["per_seed"], eb["distance"]["per_seed"])
+        assert e["per_seed"] == pytest.approx(want.tolist(), abs=1e-15)
+    same = pairs[("joint", "ext")]
+    assert all(abs(e["mean"]) < 1e-9 for e in same["curve"])
+    assert not same["verdict"]["can_tell"]
+    for r in report["runs"]:
+        assert "interval" in r["measure"]["critical_capacity"]
+    assert output.startswith("dae vs joint:")
+
+
 def test_reconstruction_matches_independent_computation(compared, runs):
     """encoder.pt then decoder.pt on the run's validation rows; PSNR = 10 log10(2^2 / MSE)
     since digits lie in [-1, 1]; also the trainer's own validation MSE in run.json."""

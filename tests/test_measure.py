@@ -488,13 +488,13 @@ def test_adversarial_fit_approaches_the_w1_optimum():
 def test_auto_generator_takes_conv_only_where_a_dense_map_is_too_large() -> None:
     from latentdist.estimator import MLP_PARAMS_LIMIT, choose_generator
 
-    # MNIST under a /4 DAE: 4x7x7 -> 784, about 0.3M parameters at width 128
+    # MNIST under a /4 DAE: 4x7x7 -> 784, about 0.13M parameters at width 64
     assert choose_generator((4, 7, 7), (1, 28, 28))[0] == "mlp"
-    # 250x250 photographs under a /4 DAE: the dense skip map alone is 15876 x 62500
+    # 250x250 photographs under a /4 DAE: 15876 -> 62500, about 10.0M parameters at width 64
     family, why = choose_generator((4, 63, 63), (1, 250, 250))
     assert family == "conv" and f"{MLP_PARAMS_LIMIT:,}" in why
     # too large, but nothing spatial to convolve: mlp stays, and the reason says so
-    family, why = choose_generator((4000,), (3000,))
+    family, why = choose_generator((100_000,), (50_000,))
     assert family == "mlp" and "not spatial" in why
     # capacities given: the widest of them decides
     assert choose_generator((64,), (784,), (4, 8))[0] == "mlp"

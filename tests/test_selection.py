@@ -8,7 +8,12 @@ from latentdist import measure
 from latentdist.discrepancy import mmd
 from latentdist.estimator.fit import minibatch_mmd_loss
 from latentdist.generators.ensemble import GeneratorEnsemble
-from latentdist.generators.modules import embed_generator, embed_linear, make_generator
+from latentdist.generators.modules import (
+    count_params,
+    embed_generator,
+    embed_linear,
+    make_generator,
+)
 
 
 @pytest.mark.parametrize(
@@ -28,12 +33,56 @@ def test_embedding_a_smaller_generator_keeps_its_function(family, latent, data, 
 
 
 def test_embedding_the_linear_fit_into_an_mlp():
+    """Exact once the width reaches the linear map's rank (here 4)."""
     torch.manual_seed(1)
     lin = make_generator("linear", (4,), (6,))
     mlp = embed_linear(lin, make_generator("mlp", (4,), (6,), 5, depth=2))
     z = torch.randn(30, 4)
     with torch.no_grad():
         assert torch.allclose(mlp(z), lin(z), atol=1e-6)
+
+
+@pytest.mark.parametrize("width", [1, 3, 6])
+def test_linear_start_is_the_best_rank_c_truncation(width):
+    """Below the map's rank the start is its rank-c truncated SVD (Eckart-Young)."""
+    torch.manual_seed(5)
+    lin = make_generator("linear", (5,), (7,))
+    g = embed_linear(lin, make_generator("mlp", (5,), (7,), width, depth=2))
+    w, b = lin[1].weight.detach(), lin[1].bias.detach()
+    u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+    r = min(width, len(sv))
+    z = torch.randn(30, 5)
+    with torch.no_grad():
+        assert torch.allclose(g(z), z @ ((u[:, :r] * sv[:r]) @ vh[:r]).T + b, atol=1e-5)
+
+
+@pytest.mark.parametrize(("small", "big"), [(1, 2), (2, 9), (4, 64)])
+def test_the_rank_limited_mlp_nests_by_embedding_and_padding(small, big):
+    """G_c ⊂ G_c' holds exactly for the mlp whose skip has rank <= c: embedded, and padded in an
+    ensemble, the smaller generator computes its own function."""
+    torch.manual_seed(4)
+    latent, data = (4, 7, 7), (1, 28, 28)
+    g_small = make_generator("mlp", latent, data, small, depth=2)
+    for p in g_small.parameters():
+        p.data.normal_()
+    g_big = embed_generator(g_small, make_generator("mlp", latent, data, big, depth=2))
+    ens = GeneratorEnsemble("mlp", latent, data, [small, big], [0, 0], bucket_ratio=float("inf"))
+    ens.load_member(0, g_small)
+    z = torch.randn(40, *latent)
+    with torch.no_grad():
+        ref = g_small(z)
+        scale = ref.abs().max()
+        assert (g_big(z) - ref).abs().max() <= 1e-5 * scale
+        assert (ens(z.expand(2, *z.shape))[0] - ref).abs().max() <= 1e-5 * scale
+
+
+def test_every_path_of_the_mlp_grows_with_its_capacity():
+    """No path of fixed size: the parameter count of a 4x7x7 -> 28x28 mlp grows ~linearly in c
+    (the dense skip it replaced held 154,448 at every capacity)."""
+    counts = [
+        count_params(make_generator("mlp", (4, 7, 7), (1, 28, 28), c, depth=2)) for c in (1, 2, 64)
+    ]
+    assert counts[0] < 3_000 and counts[1] < 5_000 and 120_000 < counts[2] < 140_000
 
 
 def test_load_member_round_trips_through_export():

@@ -35,7 +35,7 @@ DEMO_TRAIN = dict(
     log_every=10,
 )
 DEMO_MEASURE = MeasureConfig(
-    generator="mlp", capacities=(2, 8, 32), depth=2, metric="mmd", fit="mmd", seeds=3,
+    generator="mlp", capacities=(1, 4, 16, 64), depth=2, metric="mmd", fit="mmd", seeds=3,
     n_eval=500, steps=200, batch_size=256,
 )  # fmt: skip
 

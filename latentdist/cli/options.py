@@ -96,9 +96,10 @@ def _family_options() -> list:
             default="auto",
             show_default=True,
             help="Generator family G_c: linear (one-entry curve), mlp (capacity = hidden width), "
-            "conv (capacity = channel width; C×H×W latents to images). auto: mlp, unless its "
-            f"widest member would exceed {MLP_PARAMS_LIMIT:,} parameters and the latent is "
-            "spatial (e.g. 250×250 images), then conv; the report's generator_choice says which.",
+            "conv (capacity = channel width; C×H×W latents to images). auto: mlp, unless the "
+            f"linear map from latent to data would exceed {MLP_PARAMS_LIMIT:,} parameters and the "
+            "latent is spatial (e.g. 96×96 RGB or 250×250 images), then conv; the report's "
+            "generator_choice says which.",
         ),
         click.option(
             "--capacities",

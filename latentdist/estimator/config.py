@@ -43,11 +43,14 @@ SELECTION_MEANING = (
     "correspond the paired fit runs first and the distributional fit starts from its generator "
     "where that generator explains the data (validation R^2 > 0.05, see paired_start)"
 )
-DEFAULT_CAPACITIES = {"mlp": (4, 8, 16, 32, 64, 128), "conv": (4, 8, 16, 32), "linear": ()}
+# geometric from 1, so that the sweep starts where the generator is clearly too small
+# (benchmarks/results/capacity.md: the rank-limited mlp reaches the floor's band near 64 on
+# MNIST-5k latents)
+DEFAULT_CAPACITIES = {"mlp": (1, 2, 4, 8, 16, 32, 64), "conv": (4, 8, 16, 32), "linear": ()}
 DEFAULT_LR = {"linear": 2e-2, "mlp": 2e-3, "conv": 2e-3}
 GENERATORS = ("auto", *FAMILIES)
-# --generator auto takes mlp up to this many parameters in its widest member: a dense map from
-# a 4x63x63 latent to 250x250 images has ~10^9, more than a sweep of 18 members can hold
+# --generator auto takes mlp while the linear map from latent to data has at most this many
+# parameters: from a 4x63x63 latent to 250x250 images it has ~10^9
 MLP_PARAMS_LIMIT = 10_000_000
 # default fitting batch (default_fit_batch): FIT_BATCH rows up to FIT_BATCH_PIXELS pixels each
 FIT_BATCH, FIT_BATCH_PIXELS, MIN_FIT_BATCH = 256, 32 * 32, 16
@@ -61,18 +64,22 @@ def choose_generator(
 ) -> tuple[str, str]:
     """The family ``--generator auto`` measures with, and why: (family, reason).
 
-    mlp when its widest member has at most ``MLP_PARAMS_LIMIT`` parameters (every vector latent
-    and small images: the family the validity benchmark checked); conv when the dense map would
-    be larger and the latent is spatial (C×h×w to C'×H×W images), since a conv generator's size
-    does not grow with the image; mlp otherwise, whatever its size.
+    mlp when the linear map from latent to data, which the mlp's rank-limited skip grows towards,
+    has at most ``MLP_PARAMS_LIMIT`` parameters (every vector latent and small images: the family
+    the validity benchmark checked); conv when it would be larger and the latent is spatial
+    (C×h×w to C'×H×W images: 96×96 and 250×250 photographs), since a conv generator's size does
+    not grow with the image; mlp otherwise, whatever its size. ``capacities`` and ``depth``
+    are accepted for callers of the earlier rule; the choice depends on the shapes alone.
     """
     widest = max(capacities or DEFAULT_CAPACITIES["mlp"])
     with torch.device("meta"):
-        g = make_generator("mlp", latent_shape, data_shape, widest, depth)
-    n = count_params(g)
+        n = count_params(make_generator("linear", latent_shape, data_shape))
     if n <= MLP_PARAMS_LIMIT:
-        return "mlp", f"mlp: {n:,} parameters at width {widest} (<= {MLP_PARAMS_LIMIT:,})"
-    why = f"an mlp would have {n:,} parameters at width {widest} (> {MLP_PARAMS_LIMIT:,})"
+        return (
+            "mlp",
+            f"mlp: a {n:,}-parameter linear map (<= {MLP_PARAMS_LIMIT:,}); widest {widest}",
+        )
+    why = f"the linear map from latent to data has {n:,} parameters (> {MLP_PARAMS_LIMIT:,})"
     try:
         upsampling_factor(latent_shape, data_shape)
     except UsageError:

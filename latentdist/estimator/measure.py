@@ -34,6 +34,7 @@ from latentdist.estimator.config import (
     default_fit_batch,
 )
 from latentdist.estimator.memory import Memory, memory_report
+from latentdist.estimator.paired import critical_interval
 from latentdist.estimator.selection import evaluate_sweep
 from latentdist.estimator.split import default_n_eval, default_n_val, make_split
 from latentdist.estimator.stats import mean_ci
@@ -268,6 +269,7 @@ def _report(
             "epsilon": float(epsilon),
             "capacity": critical,
             "epsilon_source": "--epsilon" if cfg.epsilon is not None else "floor upper CI",
+            **critical_interval(curve, float(epsilon), seed=cfg.seed),
         },
         "monotone": monotone,
         "warnings": warnings,

@@ -110,8 +110,9 @@ def _candidates(
     for f in fitted:  # the linear start of this slot, where one was fitted
         lin = fitted[f]["linear"]
         if lin is not None and lin[slot] is not None:
+            # the linear fit's start at this capacity (its rank-c truncation in the skip)
             g_lin = embed_linear(lin[slot], _fresh(cfg, cap, seed, shapes)).eval()
-            cands.append((f"{f}@linear", g_lin, None, None))
+            cands.append((f"{f}@linear-start", g_lin, None, None))
     return cands
 
 

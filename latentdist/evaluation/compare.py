@@ -51,6 +51,7 @@ from latentdist.device import resolve_device
 from latentdist.discrepancy import load_feature_extractor, train_feature_net
 from latentdist.errors import UsageError
 from latentdist.estimator import MeasureConfig, measure, sharding
+from latentdist.estimator.paired import paired_difference, verdict
 from latentdist.estimator.stats import mean_ci
 from latentdist.evaluation.generation import CodePrior, GaussianMixturePrior, generation_metrics
 from latentdist.evaluation.probe import PROBE_RECIPE, FlowPrior, ProbeRecipe
@@ -225,12 +226,33 @@ def compare(
         "generation_settings": generation_settings(cfg, features_info),
         "probe_settings": probe_settings(cfg),
         "runs": entries,
+        "difference": differences(entries),
         "warnings": inputs.warnings + warnings,
         "device": str(inputs.device),
         "timings": {"total_s": time.perf_counter() - t_start},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return CompareResult(report, images)
+
+
+def differences(entries: list[dict]) -> list[dict[str, Any]]:
+    """Every pair of runs (in the order given) as a paired experiment: both were measured on
+    the same held-out rows, seeds and judges, so D_c(a) - D_c(b) is taken seed by seed
+    (``latentdist.estimator.paired``), with the paired bootstrap of their critical capacities
+    and a verdict."""
+    out = []
+    for i, a in enumerate(entries):
+        for b in entries[i + 1 :]:
+            diff = paired_difference(a["measure"], b["measure"])
+            out.append(
+                {
+                    "a": a["name"],
+                    "b": b["name"],
+                    **diff,
+                    "verdict": verdict(a["name"], b["name"], diff, a["measure"], b["measure"]),
+                }
+            )
+    return out
 
 
 # --- phase 1: the runs and the data -----------------------------------------------------------

@@ -6,7 +6,12 @@ proxies walk to bound Lipschitz constants, so keep to it when adding a family.
 
 Nesting: a ReLU network of width c can represent every network of width c' < c (zero the extra
 units), but a narrow ReLU network cannot represent a linear map. Every family therefore adds a
-linear skip path, so that G_linear ⊂ G_c ⊂ G_c' for c < c', and D_c is non-increasing in c.
+linear skip path that grows with the capacity, so that G_c ⊂ G_c' for c < c' and D_c is
+non-increasing in c, while no path of fixed size is present at every capacity (a dense skip
+would be a full linear decoder at "width 1", and the curve c -> D_c flat): the mlp's skip has
+rank <= c, the conv generator's is a per-pixel 1x1 convolution. ``--generator linear`` stays the
+reference point (G_c contains it once c reaches the rank of the linear map).
+benchmarks/results/capacity.md measures the choice.
 """
 
 from __future__ import annotations
@@ -52,7 +57,9 @@ def linear_generator(latent_shape: tuple[int, ...], data_shape: tuple[int, ...])
 def mlp_generator(
     latent_shape: tuple[int, ...], data_shape: tuple[int, ...], width: int, depth: int = 2
 ) -> nn.Sequential:
-    """g(z) = W_s z + b + body(z), body a ReLU MLP with ``depth`` hidden layers of ``width`` units."""
+    """g(z) = B A z + b + body(z): a linear skip of rank <= ``width`` (A: width x d_in, B:
+    d_out x width) and a ReLU MLP with ``depth`` hidden layers of ``width`` units, so that every
+    path, and the parameter count, grows with the width."""
     if width < 1 or depth < 1:
         raise UsageError(f"mlp generator needs width >= 1 and depth >= 1 (got {width}, {depth})")
     d_in, d_out = _numel(latent_shape), _numel(data_shape)
@@ -60,9 +67,10 @@ def mlp_generator(
     for _ in range(depth - 1):
         layers += [nn.Linear(width, width), nn.ReLU()]
     layers.append(nn.Linear(width, d_out, bias=False))  # the skip path carries the output bias
+    skip = nn.Sequential(nn.Linear(d_in, width, bias=False), nn.Linear(width, d_out))
     return nn.Sequential(
         nn.Flatten(),
-        SumOfPaths(nn.Linear(d_in, d_out), nn.Sequential(*layers)),
+        SumOfPaths(skip, nn.Sequential(*layers)),
         nn.Unflatten(1, data_shape),
     )
 
@@ -184,14 +192,22 @@ def embed_generator(small: nn.Module, big: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def embed_linear(linear: nn.Module, mlp: nn.Module) -> nn.Module:
-    """Make the MLP generator ``mlp`` compute the linear generator ``linear``'s map.
+    """Start the MLP generator ``mlp`` from the linear generator ``linear``'s map.
 
-    The linear map goes into the skip path; the body's output layer is zeroed (its hidden units
-    keep their initialisation, so they start alive). Returns ``mlp``.
+    The skip path of rank <= c takes the map's rank-c truncation (Eckart-Young: the best rank-c
+    approximation, from the SVD W = U S V^T: A = S_c^(1/2) V_c^T, B = U_c S_c^(1/2)), exact when
+    c reaches the map's rank; A's further rows keep their initialisation and B's columns for
+    them are zero. The body's output layer is zeroed (its hidden units keep their
+    initialisation, so they start alive). Returns ``mlp``.
     """
-    layer = linear[1]
-    skip, body = mlp[1].paths[0], mlp[1].paths[1]
-    skip.weight.copy_(layer.weight)
-    skip.bias.copy_(layer.bias)
+    weight, bias = linear[1].weight, linear[1].bias
+    (a, b), body = mlp[1].paths[0], mlp[1].paths[1]
+    u, sv, vh = torch.linalg.svd(weight, full_matrices=False)
+    r = min(a.out_features, len(sv))
+    root = sv[:r].sqrt()
+    a.weight[:r] = root[:, None] * vh[:r]
+    b.weight.zero_()
+    b.weight[:, :r] = u[:, :r] * root
+    b.bias.copy_(bias)
     body[-1].weight.zero_()
     return mlp

@@ -122,7 +122,7 @@ def _table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     for r in runs:
         rec, m, g = r["reconstruction"], r["measure"], r["generation"]
         by_cap = {e["capacity"]: e["distance"] for e in m["curve"]}
-        crit = m["critical_capacity"]["capacity"]
+        crit = _critical_text(m["critical_capacity"])
         row = [
             r["name"],
             r["mode"],
@@ -133,7 +133,7 @@ def _table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         row += [_pm(by_cap[c]["mean"], by_cap[c]["ci"]) if c in by_cap else "-" for c in caps]
         row += [
             _pm(m["floor"]["mean"], m["floor"]["ci"]),
-            "none" if crit is None else str(crit),
+            crit,
         ]
         row += [_pm(g[key]["mean"], g[key]["ci"], "{:.3g}") for key, _ in HEADLINE_GEN]
         if probe:
@@ -141,6 +141,75 @@ def _table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             row.append(_pm(p["fd"]["mean"], p["fd"]["ci"], "{:.3g}") if p else "-")
         body.append(row)
     return header, body
+
+
+def _cap_text(cap: Any) -> str:
+    return "none" if cap is None else str(cap)
+
+
+def _critical_text(c: dict[str, Any]) -> str:
+    """'4 [2, 8]': the critical capacity and its bootstrap interval over seeds ('none' when no
+    capacity of the sweep reaches the floor)."""
+    interval = c.get("interval")
+    text = _cap_text(c["capacity"])
+    if interval:
+        text += f" [{_cap_text(interval[0])}, {_cap_text(interval[1])}]"
+    return text
+
+
+def verdict_lines(report: dict[str, Any]) -> list[str]:
+    """A few lines per pair of runs: which needs the smaller generator, the paired difference
+    that says so, and whether the data can tell at all."""
+    out = []
+    runs = {r["name"]: r["measure"] for r in report["runs"]}
+    for d in report.get("difference", []):
+        a, b, v = d["a"], d["b"], d["verdict"]
+        crit = " vs ".join(
+            f"{name} {_critical_text(runs[name]['critical_capacity'])}" for name in (a, b)
+        )
+        sweep = ", ".join(_cap_text(e["capacity"]) for e in d["curve"])
+        if v["smaller_generator"]:
+            head = f"{v['smaller_generator']} needs the smaller generator"
+        else:
+            head = "the critical capacities cannot tell which needs the smaller generator"
+        out.append(f"{a} vs {b}: {head} (critical capacity {crit}; sweep {sweep}).")
+        sep = v["separated_capacities"]
+        if sep:
+            e = next(e for e in d["curve"] if e["capacity"] == sep[0])
+            out.append(
+                f"  Paired D_c({a}) - D_c({b}), same rows and seeds: {v['closer_to_data']} is "
+                f"closer to the data at c = {', '.join(map(_cap_text, sep))}; at c = "
+                f"{_cap_text(sep[0])}: {e['mean']:.3g} [{e['ci'][0]:.3g}, {e['ci'][1]:.3g}]."
+            )
+        else:
+            out.append(
+                f"  Paired D_c({a}) - D_c({b}): the 95% interval includes 0 at every capacity."
+            )
+        out.append(
+            "  The data can tell them apart."
+            if v["can_tell"]
+            else "  The data cannot tell them apart at this sample size."
+        )
+    return out
+
+
+def difference_table(report: dict[str, Any]) -> str:
+    """Per pair of runs and capacity: the paired difference with its interval and seeds."""
+    header = ["a - b", "capacity", "difference", "95% CI", "per seed"]
+    body = []
+    for d in report.get("difference", []):
+        for e in d["curve"]:
+            ci = e["ci"]
+            body.append(
+                [
+                    f"{d['a']} - {d['b']}",
+                    _cap_text(e["capacity"]),
+                    f"{e['mean']:.4g}",
+                    f"[{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "-",
+                    ", ".join(f"{v:.3g}" for v in e["per_seed"]),
+                ]
+            )
+    return _md(header, body) if body else ""
 
 
 def _md(header: list[str], body: list[list[str]]) -> str:
@@ -232,6 +301,7 @@ def format_table(report: dict[str, Any]) -> str:
     cfg = report["measure_config"]
     return "\n".join(
         [
+            *verdict_lines(report),
             _settings_line(report, cfg),
             line(header),
             *(line(b) for b in body),
@@ -406,8 +476,22 @@ def report_markdown(report: dict[str, Any], figures: dict[str, list[str]]) -> st
         f"Data: `{d['name']}`, {d['rows']} rows of shape {d['shape']} (fingerprint "
         f"`{d['fingerprint']}`). Created {report['created']} on {report['device']}.",
         "",
+        *(["## Verdict", "", *verdict_lines(report), ""] if report.get("difference") else []),
         markdown_table(report),
         "",
+        *(
+            [
+                "Paired differences: every run is scored on the same held-out rows, seeds and "
+                "judges, so D_c(a) - D_c(b) is taken seed by seed; its interval carries only "
+                "what differs between the runs. Critical capacity: mean ± bootstrap interval "
+                "over seeds [lo, hi] ('none': not reached within the sweep).",
+                "",
+                difference_table(report),
+                "",
+            ]
+            if report.get("difference")
+            else []
+        ),
         "Entries are mean ± 95% CI half-width. "
         f"Distance: {cfg['metric']}, fit={cfg['fit']}, generator={cfg['generator']} "
         f"(depth {cfg['depth']}), {cfg['steps']} steps, {cfg['seeds']} seeds, held-out distance vs "
