@@ -337,10 +337,15 @@ def _plt(path_given: bool):
 
 def plot_curves(report: dict[str, Any], path: str | Path | None = None):
     """Every run's distance curve with its 95 % band; each run's floor as a dashed line with
-    its 95 % band (grey), so a curve inside the band reads as indistinguishable from data."""
+    its 95 % band (grey), so a curve inside the band reads as indistinguishable from data. The
+    y axis is linear within the floor's band and logarithmic above it, so the curve can be read
+    over its whole range. Beside it, for two or more runs, the paired difference of each pair
+    per capacity with its 95 % interval (the question a comparison asks)."""
     plt = _plt(path is not None)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    linear = False
+    pairs = report.get("difference") or []
+    fig, axes = plt.subplots(1, 2 if pairs else 1, figsize=(11 if pairs else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    linear, band = False, 0.0
     for i, r in enumerate(report["runs"]):
         m, color = r["measure"], f"C{i}"
         caps = [e["capacity"] for e in m["curve"]]
@@ -354,19 +359,50 @@ def plot_curves(report: dict[str, Any], path: str | Path | None = None):
         ax.axhline(m["floor"]["mean"], color=color, ls="--", lw=1)
         if m["floor"]["ci"]:
             ax.axhspan(*m["floor"]["ci"], color="k", alpha=0.08)
+            band = max(band, abs(m["floor"]["ci"][0]), abs(m["floor"]["ci"][1]))
     ax.plot([], [], "k--", lw=1, label="floor (data vs data) and its 95% CI")
+    cfg = report["measure_config"]
     if not linear:
         ax.set_xscale("log", base=2)
-    cfg = report["measure_config"]
+    if band > 0:
+        ax.set_yscale("symlog", linthresh=band)
     ax.set_xlabel(f"capacity ({cfg['generator']} width)")
     ax.set_ylabel(f"{cfg['metric']} distance (held-out)")
     ax.set_title(f"latent–data distance D_c (fit={cfg['fit']}, 95% CI)")
     ax.legend(fontsize=8)
+    if pairs:
+        _plot_differences(axes[0][1], pairs, linear)
     fig.tight_layout()
     if path is not None:
         save_figure(path, fig, dpi=120)
         plt.close(fig)
     return fig
+
+
+def _plot_differences(ax: Any, pairs: list[dict], linear: bool) -> None:
+    """D_c(a) - D_c(b) per capacity with its paired 95 % interval, one line per pair."""
+    for k, d in enumerate(pairs):
+        caps = [e["capacity"] for e in d["curve"]]
+        x = [0] if linear else caps
+        ax.plot(
+            x,
+            [e["mean"] for e in d["curve"]],
+            "s-",
+            color=f"C{k + 2}",
+            label=f"{d['a']} - {d['b']}",
+        )
+        cis = [e["ci"] for e in d["curve"]]
+        if all(cis):
+            ax.fill_between(
+                x, [c[0] for c in cis], [c[1] for c in cis], color=f"C{k + 2}", alpha=0.2
+            )
+    ax.axhline(0.0, color="k", lw=1)
+    if not linear:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel("capacity")
+    ax.set_ylabel("paired difference (same rows and seeds)")
+    ax.set_title("D_c(a) - D_c(b), 95% CI (below 0: a is closer)")
+    ax.legend(fontsize=8)
 
 
 def plot_proxies(report: dict[str, Any], path: str | Path | None = None):
