@@ -62,7 +62,8 @@ def format_table(report: dict[str, Any]) -> str:
         + (f"  95% CI [{fci[0]:.4g}, {fci[1]:.4g}]" if fci else ""),
         shown.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"),
         f"critical capacity (distance <= {crit['epsilon']:.4g}, {crit['epsilon_source']}): "
-        f"{crit['capacity'] if crit['capacity'] is not None else 'none in the sweep'}",
+        f"{crit['capacity'] if crit['capacity'] is not None else 'none in the sweep'}"
+        + _interval_text(crit.get("interval")),
     ]
     choice = report.get("generator_choice", "")
     if choice and not choice.endswith("given"):
@@ -128,3 +129,11 @@ def save_measure(report: dict[str, Any], out_dir: str | Path) -> None:
     save_json(out / "measure.json", report)
     save_text(out / "curve.csv", curve_frame(report).to_csv(index=False))
     plot_measure(report, out / "curve.png")
+
+
+def _interval_text(interval: list | None) -> str:
+    """'; 95% bootstrap interval over seeds [2, 8]' (none: not reached within the sweep)."""
+    if not interval:
+        return ""
+    lo, hi = ("none" if c is None else str(c) for c in interval)
+    return f"; 95% bootstrap interval over seeds [{lo}, {hi}]"
