@@ -21,6 +21,13 @@ One table per check, every metric a column:
   and where the floors centre.
 * V6 DAE vs joint on MNIST-5k (demo settings): ``compare``'s distance curves beside generation
   FD, with intervals; reported as measured.
+* V7 resolution of the paired design: a noise ladder on held-out MNIST rows, every rung scored
+  against the same reference rows and seeds; the smallest noise the paired difference to the
+  clean rows detects, against the smallest that the two separate intervals do.
+* V8 same information, different complexity: PCA-8 of MNIST-5k and the same scores through a
+  fixed invertible coupling flow; paired D_c(warped) - D_c(plain) per capacity with the default
+  family and sweep. Pass: above 0 beyond the paired interval at small capacity, and the gap at
+  the largest capacity smaller than its largest.
 
     python benchmarks/bench_validity.py [--small] [--only V1,V2,...] [--no-write]
 """
@@ -41,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.stats import ortho_group
+from sklearn.decomposition import PCA
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, markdown_table, write_result  # noqa: E402
@@ -49,10 +57,13 @@ import latentdist as ld  # noqa: E402
 from latentdist.discrepancy import METRICS  # noqa: E402
 from latentdist.estimator import MeasureConfig  # noqa: E402
 from latentdist.estimator.fit import FITS  # noqa: E402
+from latentdist.estimator.paired import paired_difference  # noqa: E402
+from latentdist.estimator.stats import mean_ci  # noqa: E402
 from latentdist.evaluation.distance import sample_distances  # noqa: E402
 from latentdist.evaluation.validity import (  # noqa: E402
     DEGRADATIONS,
     above_floor,
+    coupling_warp,
     ladder_distances,
     ladder_verdict,
     nested_verdict,
@@ -337,7 +348,6 @@ def v3(small: bool, fits: list[str], capacities: tuple, steps: int | None) -> tu
 
 
 def v4(small: bool, capacities: tuple | None, steps: int | None) -> tuple[str, dict]:
-    from sklearn.decomposition import PCA
 
     source = ld.load_data("mnist5k")
     x = source.take().numpy()
@@ -541,6 +551,101 @@ def merge_columns(old: str, new: str, note: str) -> str:
     return text + "\n".join(lines[end:]).rstrip() + "\n\n" + note + "\n"
 
 
+# ---------------------------------------------------------------- V7 paired resolution
+
+V7_COLUMNS = (
+    "sigma",
+    "d(noisy) [95% CI]",
+    "paired d(noisy) - d(clean) [95% CI]",
+    "paired: detected",
+    "unpaired: intervals apart",
+)
+V8_COLUMNS = ("capacity", "plain", "warped", "paired warped - plain [95% CI]")
+
+
+def v7(small: bool) -> tuple[str, dict]:
+    """Gaussian pixel noise of standard deviation sigma on held-out MNIST rows (clipped to
+    [-1, 1]); every rung and the clean rows are scored by ``sample_distances`` on the same
+    reference splits and seeds. Paired: the interval of d(noisy) - d(clean) seed by seed excludes
+    0. Unpaired: the two intervals do not overlap."""
+    data = ld.load_data("mnist5k").take().numpy()
+    perm = np.random.default_rng(0).permutation(len(data))
+    ref, held = data[perm[:3000]], data[perm[3000:]]
+    noise = np.random.default_rng(1).standard_normal(held.shape).astype(np.float32)
+    sigmas = (
+        (0.0025, 0.005, 0.01, 0.02, 0.04)
+        if small
+        else (0.00125, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08)
+    )
+    sets = {"clean": held, **{f"{s:g}": np.clip(held + s * noise, -1, 1) for s in sigmas}}
+    seeds, n_eval = (3, 500) if small else (5, 1000)
+    res = sample_distances(sets, ref, n_eval=n_eval, seeds=seeds)
+    clean = res["clean"].report["distance"]
+    rows, first = [], {"paired": None, "unpaired": None}
+    for s in sigmas:
+        d = res[f"{s:g}"].report["distance"]
+        diff = mean_ci(
+            np.subtract(d["per_seed"], clean["per_seed"]).tolist(),
+            sampled_fraction=n_eval / len(held),
+        )
+        paired = diff["ci"][0] > 0
+        unpaired = d["ci"][0] > clean["ci"][1]
+        for key, ok in (("paired", paired), ("unpaired", unpaired)):
+            if ok and first[key] is None:
+                first[key] = s
+        rows.append([f"{s:g}", f"{d['mean']:.4g} [{d['ci'][0]:.3g}, {d['ci'][1]:.3g}]",
+                     f"{diff['mean']:.4g} [{diff['ci'][0]:.3g}, {diff['ci'][1]:.3g}]",
+                     "yes" if paired else "no", "yes" if unpaired else "no"])  # fmt: skip
+    text = (
+        "## V7 resolution of the paired design (MNIST-5k noise ladder)\n\n"
+        f"mmd (default), n_eval {n_eval}, {seeds} seeds; reference 3000 rows, samples 2000 held-out "
+        f"rows; clean rows: {clean['mean']:.4g} [{clean['ci'][0]:.3g}, {clean['ci'][1]:.3g}]. "
+        f"Smallest sigma detected: paired {first['paired']}, unpaired {first['unpaired']}.\n\n"
+        + markdown_table([dict(zip(V7_COLUMNS, r, strict=True)) for r in rows])
+    )
+    return text, first
+
+
+# ---------------------------------------------------------------- V8 warped latent
+
+
+def v8(small: bool, steps: int | None) -> tuple[str, bool]:
+    """PCA-8 of MNIST (standardised) and the same scores through ``coupling_warp``; paired
+    D_c(warped) - D_c(plain) with the default family and sweep (same rows, seeds, judges)."""
+    x = ld.load_data("mnist5k").take()
+    if small:
+        x = x[:2000]
+    z = PCA(8, random_state=0).fit_transform(x.flatten(1).numpy()).astype(np.float32)
+    z = (z - z.mean(0)) / z.std(0)
+    settings = dict(seeds=3, proxies=False, progress=False, device="cpu")
+    if small:
+        settings.update(capacities=(2, 8, 32), n_eval=400)
+    if steps:
+        settings["steps"] = steps
+    plain = ld.measure(z, x, **settings).report
+    warped = ld.measure(coupling_warp(z), x, **settings).report
+    diff = paired_difference(warped, plain)["curve"]
+    peak = max(diff, key=lambda e: e["mean"])
+    ok = any(e["ci"] and e["ci"][0] > 0 for e in diff[: max(1, len(diff) // 2)])
+    ok = ok and diff[-1]["mean"] < peak["mean"]
+    rows = [
+        [str(e["capacity"]), f"{a['distance']['mean']:.4g}", f"{b['distance']['mean']:.4g}",
+         f"{e['mean']:.4g} [{e['ci'][0]:.3g}, {e['ci'][1]:.3g}]"]
+        for e, a, b in zip(diff, plain["curve"], warped["curve"], strict=True)
+    ]  # fmt: skip
+    text = (
+        "## V8 same information, different complexity (PCA-8 vs warped PCA-8, MNIST-5k)\n\n"
+        f"generator {plain['generator']}, {plain['config']['steps']} steps, 3 seeds, n_eval "
+        f"{plain['n_eval']}; floor {plain['floor']['mean']:.3g} {plain['floor']['ci']}. "
+        f"{'PASS' if ok else 'FAIL'}: warped above plain beyond the paired interval at small "
+        f"capacity; gap at the largest capacity {diff[-1]['mean']:.3g} vs its peak "
+        f"{peak['mean']:.3g} at c = {peak['capacity']} "
+        f"({100 * (1 - diff[-1]['mean'] / peak['mean']):.0f} % smaller).\n\n"
+        + markdown_table([dict(zip(V8_COLUMNS, r, strict=True)) for r in rows])
+    )
+    return text, ok
+
+
 def merge_sections(old: str, new: dict[str, str]) -> dict[str, str]:
     """Sections of an earlier results file (split at '## Vn' headings), replaced by ``new``."""
     parts = SECTION.split(old)
@@ -565,9 +670,10 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
-    only = set((args.only or "V1,V2,V3,V4,V5,V6").upper().split(","))
+    only = set((args.only or "V1,V2,V3,V4,V5,V6,V7,V8").upper().split(","))
     if args.small:
         only.discard("V6")  # DAE vs joint at small size: bench_quality --small
+        only.discard("V8")  # two sweeps: tests/test_validity.py asserts its small form
     cols = columns()
     if args.columns:
         cols = [c for c in cols if c.label in args.columns.split(",")]
@@ -624,6 +730,19 @@ def main() -> None:
     if "V6" in only:
         t0 = time.perf_counter()
         add("V6", v6(300), [], t0)
+    if "V7" in only:
+        t0 = time.perf_counter()
+        text, first = v7(args.small)
+        add(
+            "V7",
+            text,
+            [f"smallest noise detected: paired {first['paired']}, unpaired {first['unpaired']}"],
+            t0,
+        )
+    if "V8" in only:
+        t0 = time.perf_counter()
+        text, ok = v8(args.small, args.steps)
+        add("V8", text, [f"default: {'pass' if ok else 'fail'}"], t0)
     print(f"bench_validity: {time.perf_counter() - t_all:.0f} s", flush=True)
     if args.no_write:
         return
