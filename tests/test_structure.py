@@ -10,8 +10,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "latentdist"
 # low to high; a module may import its own layer and the layers below it
 LAYERS = (
-    ("errors", "_io", "_progress", "_shapes", "device", "versions"),
-    ("parallel", "report"),
+    ("errors", "_io", "_progress", "_shapes", "device", "versions", "outdir"),
+    ("parallel", "report", "checkpoint"),
     ("data",),
     ("discrepancy",),
     ("generators",),

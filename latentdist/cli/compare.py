@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import click
 
-from latentdist import parallel
+from latentdist import checkpoint, parallel
 from latentdist.cli.options import (
     CONTEXT,
+    checkpoint_folder,
     config_from_options,
     image_options,
     image_options_of,
     measurement_options,
+    resume_options,
 )
 from latentdist.data import load_data
 from latentdist.errors import UsageError
@@ -36,8 +38,13 @@ from latentdist.evaluation.compare import compare as run_compare
 )
 @image_options
 @click.option(
-    "--out", required=True, type=click.Path(), help="Write compare.json, report.md, PNGs."
+    "--out",
+    required=True,
+    type=click.Path(),
+    help="Write compare.json, report.md, PNGs; each run's finished phases are kept in "
+    "OUT/checkpoint until then, so the same command resumes after an interruption.",
 )
+@resume_options
 @click.option(
     "--features",
     type=click.Path(),
@@ -95,6 +102,7 @@ def compare(**o) -> None:
         if group is not None and not group.is_main:
             return  # rank 0 alone writes and prints
     result.save(o["out"])
+    checkpoint.remove(checkpoint_folder(o))  # the result is written: nothing to resume
     click.echo(result.to_json() if o["fmt"] == "json" else result.table())
     if o["fmt"] == "table":
         click.echo(f"wrote {o['out']}/compare.json, report.md and figures")
@@ -122,4 +130,12 @@ def _compare(o: dict) -> CompareResult:
     data = o["data"]
     if o["channels"] != "auto" or o["resize"]:
         data = load_data(data, trust_pickle=o["trust_pickle"], image=image_options_of(o))
-    return run_compare(specs, data, config, progress=parallel.progress(o["quiet"]))
+    return run_compare(
+        specs,
+        data,
+        config,
+        progress=parallel.progress(o["quiet"]),
+        checkpoint=checkpoint_folder(o),
+        restart=o["restart"],
+        checkpoint_every=o["checkpoint_every"],
+    )

@@ -7,13 +7,15 @@ from typing import Any
 
 import click
 
-from latentdist import parallel
+from latentdist import checkpoint, parallel
 from latentdist.cli.options import (
     CONTEXT,
+    checkpoint_folder,
     config_from_options,
     image_options,
     image_options_of,
     measurement_options,
+    resume_options,
 )
 from latentdist.data import load_data
 from latentdist.data.encoders import load_encoder
@@ -66,7 +68,13 @@ from latentdist.estimator import measure as run_measure
 )
 @measurement_options
 @click.option("--encode-batch-size", type=int, default=256, show_default=True)
-@click.option("--out", type=click.Path(), help="Write measure.json, curve.csv and curve.png here.")
+@click.option(
+    "--out",
+    type=click.Path(),
+    help="Write measure.json, curve.csv and curve.png here; finished work is kept in "
+    "OUT/checkpoint until then, so the same command resumes after an interruption.",
+)
+@resume_options
 @click.option(
     "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
 )
@@ -89,6 +97,7 @@ def measure(**o) -> None:
             return  # rank 0 alone writes and prints
     if o["out"]:
         result.save(o["out"])
+        checkpoint.remove(checkpoint_folder(o))  # the result is written: nothing to resume
     click.echo(result.to_json() if o["fmt"] == "json" else result.table())
     if o["fmt"] == "table" and encoder_info.get("normalisation"):
         click.echo(f"latent normalisation: {encoder_info['normalisation']}")
@@ -131,6 +140,9 @@ def _measure(o: dict) -> tuple[MeasureResult, dict]:
         memory=memory,
         timings={"encode_s": t_encode} if encoder_info else None,
         report_extra={"encoder": encoder_info} if encoder_info else None,
+        checkpoint=checkpoint_folder(o),
+        restart=o["restart"],
+        checkpoint_every=o["checkpoint_every"],
     )
     return result, encoder_info
 

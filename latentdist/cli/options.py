@@ -6,9 +6,12 @@ the first time it is built, so a command run on its own must already know ``-h``
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 import torch
 
+from latentdist.checkpoint import DEFAULT_EVERY_S, FOLDER
 from latentdist.data import ImageOptions
 from latentdist.data.files import CHANNELS
 from latentdist.errors import UsageError
@@ -222,6 +225,32 @@ def measurement_options(f):
     for option in reversed(_family_options() + _fit_options() + _run_options()):
         f = option(f)
     return f
+
+
+def resume_options(f):
+    """--restart and --checkpoint-every: the checkpoint a command keeps in its --out folder."""
+    f = click.option(
+        "--checkpoint-every",
+        type=click.FloatRange(min=0),
+        default=DEFAULT_EVERY_S,
+        show_default=True,
+        metavar="SECONDS",
+        help="Keep each fitting loop's state in OUT/checkpoint at most this often (and at its "
+        "end); 0 keeps it at every step.",
+    )(f)
+    return click.option(
+        "--restart",
+        is_flag=True,
+        help="Discard the checkpoint in --out and start afresh. Without it, the same command "
+        "run again resumes from the checkpoint (to the same result); a checkpoint of other "
+        "inputs or settings is refused.",
+    )(f)
+
+
+def checkpoint_folder(o: dict) -> Path | None:
+    """OUT/checkpoint, where a command keeps finished work until its result is written; None
+    without --out."""
+    return Path(o["out"]) / FOLDER if o.get("out") else None
 
 
 def config_from_options(o: dict) -> MeasureConfig:

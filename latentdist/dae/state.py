@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import random
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from latentdist.checkpoint import set_rng_state
 from latentdist.dae.config import RESUMABLE_CHANGES, TrainConfig
 from latentdist.dae.data import BatchStream, TrainData
 from latentdist.dae.models import Models
@@ -114,36 +114,6 @@ def prepare_out_dir(config: TrainConfig) -> None:
         shutil.rmtree(out / "stage1", ignore_errors=True)
         shutil.rmtree(out / "tensorboard", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-
-
-# ---------------------------------------------------------------- RNG state
-
-
-def rng_state() -> dict:
-    """This process's torch, CUDA, NumPy and Python RNG states, as checkpointable values."""
-    np_state = np.random.get_state()  # noqa: NPY002 (global state, saved for exact resumption)
-    py = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [
-            torch.from_numpy(np_state[1].astype(np.int64)),
-            int(np_state[2]),
-            int(np_state[3]),
-            float(np_state[4]),
-        ],
-        "python": [py[0], list(py[1]), py[2]],
-    }
-
-
-def set_rng_state(s: dict) -> None:
-    """Restore what ``rng_state`` returned."""
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    keys, pos, has_gauss, cached = s["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))  # noqa: NPY002
-    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -24,6 +24,7 @@ import torch
 
 from latentdist import parallel
 from latentdist._io import save_json, save_torch
+from latentdist.checkpoint import rng_state
 from latentdist.dae.config import TrainConfig
 from latentdist.dae.curves import require_tensorboard
 from latentdist.dae.data import (
@@ -45,7 +46,6 @@ from latentdist.dae.state import (
     load_checkpoint,
     prepare_out_dir,
     restore,
-    rng_state,
     run_summary,
 )
 from latentdist.dae.step import (

@@ -35,6 +35,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from latentdist._progress import progress_bar as tqdm
+from latentdist.checkpoint import Slot, rng_state, set_rng_state
 from latentdist.discrepancy import MMD_SCALES
 from latentdist.generators.ensemble import GeneratorEnsemble
 
@@ -270,6 +271,7 @@ def fit_ensemble(
     seed: int = 0,
     progress: bool = True,
     subset: tuple[int, Sequence[int]] | None = None,
+    checkpoint: Slot | None = None,
 ) -> dict[str, list[float]]:
     """Fit every member of ``ensemble`` in one loop; returns per-member final losses.
 
@@ -279,6 +281,9 @@ def fit_ensemble(
     data; members of one slot share it, so capacities are compared on common random numbers.
     ``subset`` = (members of the whole sweep, positions of this ensemble's members in it): the
     adversarial fit's critics and random draws are then those of the whole sweep's members.
+    ``checkpoint``: where the loop's whole state (weights, optimisers, step, random streams) is
+    saved when due and at the end, and resumed from when it holds one: the result is bitwise
+    that of an uninterrupted loop.
     """
     device = latents.device
     n_members = len(ensemble.members)
@@ -289,6 +294,7 @@ def fit_ensemble(
     opt = torch.optim.Adam(ensemble.parameters(), lr=settings.lr, betas=betas)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, settings.steps))
     gammas = [1.0 / (2.0 * (a * settings.bandwidth) ** 2) for a in settings.scales]
+    critic = critic_opt = None
     if adversarial:
         critic = CriticEnsemble(
             int(np.prod(data.shape[1:])),
@@ -302,29 +308,21 @@ def fit_ensemble(
     def draw(pools: Sequence[torch.Tensor]) -> torch.Tensor:
         return _draw(pools, settings.batch_size, gen)
 
-    losses = torch.zeros(n_members)
-    bar = tqdm(range(settings.steps), desc=f"fit {settings.fit}", disable=not progress, leave=False)
-    for _ in bar:
-        if settings.fit == "paired":  # the same rows of latents and data
-            rows = draw(train_z)
-            z, x = latents[rows][slot_t], data[rows][slot_t]
-        else:
-            z = latents[draw(train_z)][slot_t]
-            x = data[draw(train_x)]  # (slots, B, ...): members index it by slot
-            if adversarial:
-                x = x[slot_t]
-        if adversarial:
-            for _ in range(settings.critic_steps):
-                _critic_step(critic, critic_opt, ensemble, z, x, settings.gradient_penalty, subset)
-                x = data[draw(train_x)][slot_t]
-                z = latents[draw(train_z)][slot_t]
-            per_member = -critic(ensemble(z)).mean(-1)
-        elif settings.fit == "ot":
-            per_member = minibatch_ot_loss(ensemble(z), x, slot_t, settings.cost)
-        elif settings.fit == "mmd":
-            per_member = minibatch_mmd_loss(ensemble(z), x, slot_t, gammas)
-        else:
-            per_member = (ensemble(z) - x).flatten(2).square().sum(-1).mean(-1)
+    critic_pair = (critic, critic_opt) if adversarial else None
+    step0, losses = _restore(checkpoint, ensemble, opt, sched, gen, critic_pair, n_members)
+    bar = tqdm(
+        range(step0, settings.steps),
+        initial=step0,
+        total=settings.steps,
+        desc=f"fit {settings.fit}",
+        disable=not progress,
+        leave=False,
+    )
+    for step in bar:
+        per_member = _member_losses(
+            settings, ensemble, latents, data, train_z, train_x, slot_t, draw, critic_pair,
+            gammas, subset,
+        )  # fmt: skip
         opt.zero_grad(set_to_none=True)
         per_member.sum().backward()
         ensemble.mask_gradients()
@@ -333,4 +331,70 @@ def fit_ensemble(
         losses = per_member.detach().cpu()
         if progress:
             bar.set_postfix(loss=f"{losses.mean():.4g}")
+        if checkpoint is not None and (checkpoint.due() or step + 1 == settings.steps):
+            checkpoint.save(_loop_state(step + 1, losses, ensemble, opt, sched, gen, critic_pair))
     return {"final_loss": losses.tolist()}
+
+
+def _member_losses(
+    settings: FitSettings, ensemble, latents, data, train_z, train_x, slot_t, draw,
+    critic_pair: tuple | None, gammas: list[float], subset,
+) -> torch.Tensor:  # fmt: skip
+    """One step's per-member loss (M,) on fresh batches (and, adversarially, the critic's
+    updates before it)."""
+    if settings.fit == "paired":  # the same rows of latents and data
+        rows = draw(train_z)
+        z, x = latents[rows][slot_t], data[rows][slot_t]
+    else:
+        z = latents[draw(train_z)][slot_t]
+        x = data[draw(train_x)]  # (slots, B, ...): members index it by slot
+        if critic_pair is not None:
+            x = x[slot_t]
+    if critic_pair is not None:
+        critic, critic_opt = critic_pair
+        for _ in range(settings.critic_steps):
+            _critic_step(critic, critic_opt, ensemble, z, x, settings.gradient_penalty, subset)
+            x = data[draw(train_x)][slot_t]
+            z = latents[draw(train_z)][slot_t]
+        return -critic(ensemble(z)).mean(-1)
+    if settings.fit == "ot":
+        return minibatch_ot_loss(ensemble(z), x, slot_t, settings.cost)
+    if settings.fit == "mmd":
+        return minibatch_mmd_loss(ensemble(z), x, slot_t, gammas)
+    return (ensemble(z) - x).flatten(2).square().sum(-1).mean(-1)
+
+
+def _loop_state(step: int, losses, ensemble, opt, sched, gen, critic_pair) -> dict:
+    """Everything the fitting loop carries from one step to the next."""
+    state = {
+        "step": step,
+        "losses": losses,
+        "ensemble": ensemble.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "generator": gen.get_state(),
+        "rng": rng_state(),
+    }
+    if critic_pair is not None:
+        state["critic"] = critic_pair[0].state_dict()
+        state["critic_optimizer"] = critic_pair[1].state_dict()
+    return state
+
+
+def _restore(
+    checkpoint: Slot | None, ensemble, opt, sched, gen, critic_pair, n_members: int
+) -> tuple[int, torch.Tensor]:
+    """The step to start from and the last losses: a checkpoint's, loaded into the loop's
+    objects, or (0, zeros) without one."""
+    state = None if checkpoint is None else checkpoint.load()
+    if state is None:
+        return 0, torch.zeros(n_members)
+    ensemble.load_state_dict(state["ensemble"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    gen.set_state(state["generator"])
+    set_rng_state(state["rng"])
+    if critic_pair is not None:
+        critic_pair[0].load_state_dict(state["critic"])
+        critic_pair[1].load_state_dict(state["critic_optimizer"])
+    return int(state["step"]), state["losses"]

@@ -18,12 +18,15 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from latentdist import parallel
 from latentdist._io import to_json
+from latentdist.checkpoint import DEFAULT_EVERY_S, Checkpoints
+from latentdist.checkpoint import digest as checkpoint_digest
 from latentdist.device import resolve_device
 from latentdist.errors import UsageError
 from latentdist.estimator import rows as rows_
@@ -109,6 +112,9 @@ def measure(
     memory: Memory | None = None,
     timings: Mapping[str, float] | None = None,
     report_extra: Mapping[str, Any] | None = None,
+    checkpoint: str | Path | None = None,
+    restart: bool = False,
+    checkpoint_every: float = DEFAULT_EVERY_S,
     **settings: Any,
 ) -> MeasureResult:
     """Estimate the latent–data distance curve ``c -> D_c`` with floor, intervals and proxies.
@@ -121,6 +127,8 @@ def measure(
     What the caller measured before (the encoding) enters the report through ``memory`` (a
     started ``Memory`` holding its phases), ``timings`` (seconds by name) and ``report_extra``
     (top-level entries, e.g. the encoder; they override measure's own).
+    ``checkpoint``: a folder keeping finished work (fits every ``checkpoint_every`` s), so the
+    same call resumes after an interruption to the same result; see ``_checkpoints``.
     """
     t_start = time.perf_counter()
     memory = memory or Memory()
@@ -129,11 +137,6 @@ def measure(
     is_integer = bool(getattr(latents, "is_integer", False))
     z_src, x_src = rows_.as_input(latents, "latents"), rows_.as_input(data, "data")
     shapes = (rows_.sample_shape(z_src), rows_.sample_shape(x_src))
-    if cfg.fit == "paired" and len(z_src) != len(x_src):
-        raise UsageError(
-            f"--fit paired needs one latent per data row: {len(z_src)} latents vs "
-            f"{len(x_src)} data rows"
-        )
     cfg, generator_choice = cfg.resolve(*shapes)
     if cfg.generator == "conv":
         upsampling_factor(*shapes)  # raises a UsageError on impossible shapes
@@ -141,16 +144,17 @@ def measure(
     phases: dict[str, float] = {}
 
     rows = _read_rows(cfg, z_src, x_src)
+    kept = _checkpoints(checkpoint, restart, checkpoint_every, cfg, rows)
     memory.stop("load")
     caps: list[int | None] = list(cfg.capacities) or [None]
     fits = fits_to_run(cfg, rows.rows_correspond)
     with _phase(memory, phases, "fit"):
         fitted, paired_start = fit_all(
-            cfg, fits, caps, rows.seeds, rows.splits, rows.z, rows.x, shapes, device, progress
-        )
+            cfg, fits, caps, rows.seeds, rows.splits, rows.z, rows.x, shapes, device, progress, kept
+        )  # fmt: skip
     with _phase(memory, phases, "evaluate"):
         kernel, floors, curve_data, eval_seeds = evaluate_sweep(
-            cfg, caps, rows.seeds, rows.splits, rows.z, rows.x, fitted, shapes, progress
+            cfg, caps, rows.seeds, rows.splits, rows.z, rows.x, fitted, shapes, progress, kept
         )
     with _phase(memory, phases, "proxies"):
         proxies = _proxies(cfg, caps, rows, curve_data, shapes) if cfg.proxies else None
@@ -192,6 +196,10 @@ def _read_rows(cfg: MeasureConfig, z_src: Any, x_src: Any) -> Rows:
     """Each seed's split, and the rows the splits use: latents in memory, data in memory or
     read on demand when they would not fit (``rows.gather_or_stream``)."""
     n_z, n_x = len(z_src), len(x_src)
+    if cfg.fit == "paired" and n_z != n_x:
+        raise UsageError(
+            f"--fit paired needs one latent per data row: {n_z} latents vs {n_x} data rows"
+        )
     n_eval = cfg.n_eval or default_n_eval(min(n_z, n_x))
     n_val = default_n_val(n_eval) if cfg.select else 0
     seeds = [cfg.seed + s for s in range(cfg.seeds)]
@@ -210,6 +218,34 @@ def _read_rows(cfg: MeasureConfig, z_src: Any, x_src: Any) -> Rows:
     z = rows_.gather(z_src, splits, z_fields, shared)
     x = rows_.gather_or_stream(x_src, splits, x_fields, shared)
     return Rows(z, x, splits, seeds, n_eval, n_val, n_z, n_x, n_z == n_x)
+
+
+def _checkpoints(
+    folder: str | Path | None, restart: bool, every_s: float, cfg: MeasureConfig, rows: Rows
+) -> Checkpoints:
+    """The checkpoint folder of this measurement, named by what its result depends on: the
+    rows it reads, its settings, the process count and the library versions. The result
+    resumed from it is bitwise that of an uninterrupted run on CPU; a folder kept for other
+    inputs or settings is refused unless ``restart``. Under torchrun rank 0 opens (or
+    restarts) it first; every rank keeps its own slots in it."""
+    if folder is None:
+        return Checkpoints(None)
+    x = rows.x
+    if rows_.is_lazy(x):  # rows read on demand: the source's content hash and the row set
+        source = getattr(x.source, "fingerprint", lambda: repr(x.source))()
+        data = checkpoint_digest(source, x.rows)
+    else:
+        data = checkpoint_digest(x)
+    describe = {
+        **asdict(cfg),
+        "latents": checkpoint_digest(rows.z),
+        "data": data,
+        "world_size": parallel.describe(parallel.current())["world_size"],
+        **{f"version {k}": v for k, v in versions().items()},
+    }
+    fingerprint = checkpoint_digest(describe)
+    parallel.on_main(lambda: Checkpoints(folder, fingerprint, describe, restart=restart) and None)
+    return Checkpoints(folder, fingerprint, describe, every_s=every_s, owner=False)
 
 
 def _proxies(cfg: MeasureConfig, caps: list, rows: Rows, curve_data: dict, shapes) -> dict:

@@ -18,6 +18,7 @@ import torch
 
 from latentdist import parallel
 from latentdist._progress import progress_bar as tqdm
+from latentdist.checkpoint import Checkpoints
 from latentdist.discrepancy import FEATURE_METRICS, NEEDS_FIT, Judge, resolve_features
 from latentdist.estimator.config import MeasureConfig
 from latentdist.generators.ensemble import member_seed
@@ -171,8 +172,12 @@ def evaluate_seeds(
     judges: list[tuple[Judge, Judge | None]],
     shapes: Shapes,
     progress: bool,
+    checkpoints: Checkpoints | None = None,
+    tag: str = "",
 ) -> dict[int | None, dict[str, Any]]:
-    """Held-out distances per capacity and seed: each fit's own, and the chosen bound."""
+    """Held-out distances per capacity and seed: each fit's own, and the chosen bound.
+    ``checkpoints``: each capacity's records are kept in slot ``evaluate-c{cap}{tag}`` once
+    done, and read back instead of recomputed when it holds them."""
     fits = list(fitted)
     out: dict[int | None, dict[str, Any]] = {}
     chosen: list[tuple | None] = [None] * len(seeds)
@@ -183,6 +188,12 @@ def evaluate_seeds(
         leave=False,
     )
     for cap in caps:
+        kept = (checkpoints or Checkpoints(None)).slot(f"evaluate-c{cap}{tag}")
+        done = kept.load()
+        if done is not None:
+            out[cap], chosen = restore_records(cfg, cap, shapes, done)
+            bar.update(len(seeds))
+            continue
         first = fitted[fits[0]]
         rec: dict[str, Any] = {
             "distance": [],
@@ -199,8 +210,32 @@ def evaluate_seeds(
             )  # fmt: skip
             bar.update()
         out[cap] = rec
+        kept.save(records_state(rec, chosen))
     bar.close()
     return out
+
+
+def records_state(rec: dict[str, Any], chosen: list[tuple | None]) -> dict[str, Any]:
+    """A capacity's records and each seed's choice, generators as state dicts."""
+    return {
+        "rec": {**rec, "generators": [g.state_dict() for g in rec["generators"]]},
+        "chosen": [None if c is None else [c[0], c[1].state_dict(), c[2], c[3]] for c in chosen],
+    }
+
+
+def restore_records(
+    cfg: MeasureConfig, cap: int | None, shapes: Shapes, state: dict[str, Any]
+) -> tuple[dict[str, Any], list[tuple | None]]:
+    """What ``records_state`` saved: (the capacity's records, each seed's choice)."""
+
+    def generator(weights: dict) -> torch.nn.Module:
+        g = make_generator(cfg.generator, *shapes, cap, cfg.depth)
+        g.load_state_dict(weights)
+        return g.eval()
+
+    rec = {**state["rec"], "generators": [generator(w) for w in state["rec"]["generators"]]}
+    chosen = [None if c is None else (c[0], generator(c[1]), c[2], c[3]) for c in state["chosen"]]
+    return rec, chosen
 
 
 def slot_view(fitted: dict[str, dict], slots: Sequence[int]) -> dict[str, dict]:
@@ -230,6 +265,7 @@ def _evaluate_slots(
     shapes: Shapes,
     slots: list[int],
     progress: bool,
+    checkpoints: Checkpoints | None = None,
 ) -> tuple | None:
     """Judges, floors and ``evaluate_seeds`` for the seed slots ``slots`` (one rank's share):
     (the first seed's kernel description, floors, curve data), or None without slots."""
@@ -252,6 +288,8 @@ def _evaluate_slots(
         judges,
         shapes,
         progress,
+        checkpoints,
+        "" if len(slots) == len(seeds) else "-seeds" + "-".join(map(str, slots)),
     )
     return judges[0][0].kernel, floors, curve
 
@@ -266,6 +304,7 @@ def evaluate_sweep(
     fitted: dict[str, dict],
     shapes: Shapes,
     progress: bool,
+    checkpoints: Checkpoints | None = None,
 ) -> tuple[Any, list[float], dict, list[list[int]]]:
     """Judges, floors and ``evaluate_seeds`` per seed, the seeds split across the ranks of an
     active group: (the first seed's kernel description, floors, curve data, each rank's seeds)."""
@@ -274,9 +313,9 @@ def evaluate_sweep(
     blocks = parallel.split_contiguous([1.0] * len(seeds), world)
     args = (cfg, caps, seeds, splits, z_all, x_all, fitted, shapes, blocks[rank])
     if group is None:
-        parts = [_evaluate_slots(*args, progress)]
+        parts = [_evaluate_slots(*args, progress, checkpoints)]
     else:
-        parts = group.gather(lambda: _evaluate_slots(*args, progress and rank == 0))
+        parts = group.gather(lambda: _evaluate_slots(*args, progress and rank == 0, checkpoints))
         parts = [p for p in parts if p is not None]
     kernel = parts[0][0]
     floors = [v for p in parts for v in p[1]]

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from latentdist import parallel
+from latentdist.checkpoint import Checkpoints, Slot
 from latentdist.discrepancy import median_bandwidth
 from latentdist.estimator import sharding
 from latentdist.estimator.config import DEFAULT_LR, MeasureConfig, default_fit_batch
@@ -61,9 +62,11 @@ def fit_all(
     shapes: tuple[tuple[int, ...], tuple[int, ...]],
     device: torch.device,
     progress: bool,
+    checkpoints: Checkpoints | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
     """Every fit of the sweep, the paired one first when it runs (it starts the others):
-    ({fit: fitted sweep}, the paired start or None)."""
+    ({fit: fitted sweep}, the paired start or None). ``checkpoints``: where each fitting
+    loop keeps its state, to resume from (``fit.fit_ensemble``)."""
     # the mmd fit's kernel width, from fitting rows (1.0 is unused by the other fits)
     bandwidth = median_bandwidth(x_all[splits[0].train_x[:2000]]) if "mmd" in fits else 1.0
     rows = (  # on the fitting device once, for every fit
@@ -88,6 +91,7 @@ def fit_all(
             bandwidth,
             progress,
             start=paired_start["start"] if paired_start and f != "paired" else None,
+            checkpoints=checkpoints,
         )
     return fitted, paired_start
 
@@ -104,6 +108,7 @@ def fit_sweep(
     bandwidth: float,
     progress: bool,
     start: dict[str, Any] | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> dict[str, Any]:
     """``fit_members`` with its members split across the ranks of an active group
     (``sharding``); the same dictionary, with every member, on every rank. ``start``: a fitted
@@ -111,14 +116,17 @@ def fit_sweep(
     args = (fit, cfg, caps, seeds, rows, latent_shape, data_shape, device, bandwidth)
     group = parallel.current()
     if group is None:
-        return fit_members(*args, progress, start=start)
+        return fit_members(*args, progress, start=start, checkpoints=checkpoints, tag=fit)
     plan = sharding.plan_members(cfg, caps, len(seeds), group.world_size, latent_shape, data_shape)
     mine = plan[group.rank]
 
     def local() -> dict[str, Any]:
         if not mine:
             return {"members": {}, "linear": {}}
-        res = fit_members(*args, progress and group.is_main, start=start, members=mine)
+        res = fit_members(
+            *args, progress and group.is_main, start=start, members=mine,
+            checkpoints=checkpoints, tag=f"{fit}-rank{group.rank}",
+        )  # fmt: skip
         ens, index = res["ensemble"], res["index"]
         return {
             "members": {
@@ -163,6 +171,8 @@ def fit_members(
     progress: bool,
     start: dict[str, Any] | None = None,
     members: list[tuple[int | None, int]] | None = None,
+    checkpoints: Checkpoints | None = None,
+    tag: str = "",
 ) -> dict[str, Any]:
     """Fit one generator per (capacity, seed) with ``fit``, all members at once.
 
@@ -170,7 +180,8 @@ def fit_members(
     from that sweep's member of the same capacity and seed; the others (all without ``start``),
     with selection on, MLP members, start from the linear generator fitted first by the same fit
     (``fit_linear_starts``). ``members``: only these (capacity, seed slot) pairs, in capacity
-    order (a rank's share under torchrun, see ``sharding``); default all.
+    order (a rank's share under torchrun, see ``sharding``); default all. ``checkpoints``: the
+    fitting loops' slots ``fit-{tag}`` and ``fit-{tag}-linear`` (resumed when they hold a state).
     """
     sweep = [(c, i) for c in caps for i in range(len(seeds))]
     subset = None if members is None else (len(sweep), [sweep.index(m) for m in members])
@@ -206,8 +217,9 @@ def fit_members(
     if rest and cfg.generator == "mlp" and cfg.select:
         lin_slots = sorted({member_slot[m] for m in rest})  # batches drawn for every slot anyway
         linear = fit_linear_starts(
-            cfg, lin_slots, seeds, rows, (latent_shape, data_shape), settings, progress, subset
-        )
+            cfg, lin_slots, seeds, rows, (latent_shape, data_shape), settings, progress, subset,
+            None if checkpoints is None else checkpoints.slot(f"fit-{tag}-linear"),
+        )  # fmt: skip
         for m in rest:
             ensemble.load_member(m, embed_linear(linear[member_slot[m]], ensemble.export(m)))
     info = fit_ensemble(
@@ -221,6 +233,7 @@ def fit_members(
         seed=cfg.seed,
         progress=progress,
         subset=subset,
+        checkpoint=None if checkpoints is None else checkpoints.slot(f"fit-{tag}"),
     )
     index = {(c, slot): m for m, (c, slot) in enumerate(zip(member_caps, member_slot, strict=True))}
     return {"ensemble": ensemble, "index": index, "linear": linear, **info}
@@ -235,6 +248,7 @@ def fit_linear_starts(
     settings: FitSettings,
     progress: bool,
     subset: tuple | None,
+    checkpoint: Slot | None = None,
 ) -> list[torch.nn.Module | None]:
     """The linear generator of each seed slot in ``slots``, fitted by the same fit (at the
     linear family's learning rate): per slot, the start of every MLP member of that slot."""
@@ -258,6 +272,7 @@ def fit_linear_starts(
         seed=cfg.seed,
         progress=progress,
         subset=None if subset is None else (len(seeds), slots),
+        checkpoint=checkpoint,
     )
     linear: list[torch.nn.Module | None] = [None] * len(seeds)
     for k, i in enumerate(slots):

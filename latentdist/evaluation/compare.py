@@ -44,6 +44,8 @@ import torch
 
 from latentdist import parallel
 from latentdist._io import to_json
+from latentdist.checkpoint import DEFAULT_EVERY_S, Checkpoints, rng_state, set_rng_state
+from latentdist.checkpoint import digest as checkpoint_digest
 from latentdist.dae import split_indices
 from latentdist.data import DataSource, load_data
 from latentdist.data.encoders import load_encoder
@@ -59,6 +61,7 @@ from latentdist.generators.modules import count_params
 from latentdist.proxies import diagnostics as diag
 from latentdist.proxies.geometry import nearest_codes
 from latentdist.report.compare import compare_frame, format_table, save_compare
+from latentdist.versions import versions
 
 GENERATION_KEYS = ("fd", "kid", "precision", "recall", "density", "coverage", "w2")
 FALLBACK_SPLIT = {"val_fraction": 0.1, "split_seed": 0}
@@ -205,6 +208,9 @@ def compare(
     config: CompareConfig | None = None,
     *,
     progress: bool = True,
+    checkpoint: str | Path | None = None,
+    restart: bool = False,
+    checkpoint_every: float = DEFAULT_EVERY_S,
     **settings: Any,
 ) -> CompareResult:
     """Compare autoencoders: reconstruction, the latent–data distance curve, generation quality.
@@ -212,14 +218,19 @@ def compare(
     ``runs``: train-dae folders or ``RunSpec`` (external pairs via ``RunSpec.parse_pair``);
     ``data``: a name, path or ``DataSource``. Settings are ``CompareConfig`` fields, as a config
     or keywords (e.g. ``measure_config=MeasureConfig(...), gen_seeds=3, device="cpu"``). See the
-    module docstring for the definitions.
+    module docstring for the definitions. ``checkpoint``: a folder keeping each run's finished
+    phases (its measurement, inside it every fit, and the whole run), so the same call resumes
+    after an interruption to the same result; see ``compare_checkpoints``.
     """
     t_start = time.perf_counter()
     specs = run_specs(runs)
     cfg = replace(config or CompareConfig(), **settings).validate()
     inputs = load_inputs(specs, data, cfg)
     extractor, features_info = feature_space(inputs, cfg)
-    entries, images, warnings, measured_with = measure_runs(specs, inputs, extractor, cfg, progress)
+    kept = compare_checkpoints(checkpoint, restart, checkpoint_every, specs, inputs, cfg)
+    entries, images, warnings, measured_with = measure_runs(
+        specs, inputs, extractor, cfg, progress, kept
+    )
     report = {
         "data": inputs.describe(),
         "measure_config": {**asdict(measured_with), "capacities": list(measured_with.capacities)},
@@ -415,21 +426,69 @@ class Coded:
         return np.setdiff1d(np.arange(len(self.z)), self.val)
 
 
+def compare_checkpoints(
+    folder: str | Path | None,
+    restart: bool,
+    every_s: float,
+    specs: list[RunSpec],
+    inputs: Inputs,
+    cfg: CompareConfig,
+) -> Checkpoints:
+    """The checkpoint folder of this comparison, named by its data, its runs' files, its
+    settings, the process count and the library versions (``latentdist.checkpoint``)."""
+    if folder is None:
+        return Checkpoints(None)
+    describe = {
+        **{k: v for k, v in asdict(cfg).items() if k != "measure_config"},
+        **{f"measure {k}": v for k, v in asdict(cfg.measure_config).items()},
+        "data": inputs.src.fingerprint(),
+        "runs": [
+            [s.name, checkpoint_digest(s.encoder.read_bytes(), s.decoder.read_bytes())]
+            for s in specs
+        ],
+        "world_size": parallel.describe(parallel.current())["world_size"],
+        **{f"version {k}": v for k, v in versions().items()},
+    }
+    fingerprint = checkpoint_digest(describe)
+    parallel.on_main(lambda: Checkpoints(folder, fingerprint, describe, restart=restart) and None)
+    return Checkpoints(folder, fingerprint, describe, every_s=every_s, owner=False)
+
+
 def measure_runs(
-    specs: list[RunSpec], inputs: Inputs, extractor: Any, cfg: CompareConfig, progress: bool
+    specs: list[RunSpec],
+    inputs: Inputs,
+    extractor: Any,
+    cfg: CompareConfig,
+    progress: bool,
+    kept: Checkpoints | None = None,
 ) -> tuple[list[dict], dict[str, dict], list[str], MeasureConfig]:
     """Every run evaluated in turn: (report entries, images by run, the measurements' warnings,
-    the measurement config they all ran with)."""
+    the measurement config they all ran with). ``kept``: each finished run is kept in slot
+    ``run{i}`` (with the random streams after it) and read back instead of evaluated again."""
     measure_config, extra = cfg.measure_config, None
     entries, images, warnings = [], {}, []
-    for spec in specs:
-        coded = encode_run(spec, inputs, cfg, progress)
+    kept = kept or Checkpoints(None)
+    for i, spec in enumerate(specs):
+        slot = kept.slot(f"run{i}")
+        done = slot.load()
+        coded = None if done is not None else encode_run(spec, inputs, cfg, progress)
         if measure_config.generator == "auto":  # one family for every run, chosen on the first
-            measure_config, why = measure_config.resolve(tuple(coded.z.shape[1:]), inputs.shape)
+            latent_shape = tuple(done["latent_shape"] if done else coded.z.shape[1:])
+            measure_config, why = measure_config.resolve(latent_shape, inputs.shape)
             extra = {"generator_choice": why + " (on the first run; same for all)"}
-        entry, images[spec.name] = evaluate_run(
-            spec, coded, inputs, extractor, cfg, measure_config, extra, progress
-        )
+        if done is not None:
+            entry, images[spec.name] = done["entry"], done["images"]
+            set_rng_state(done["rng"])
+        else:
+            measured_in = None if kept.folder is None else kept.folder / f"run{i}-measure"
+            entry, images[spec.name] = evaluate_run(
+                spec, coded, inputs, extractor, cfg, measure_config, extra, progress,
+                measured_in, kept.every_s,
+            )  # fmt: skip
+            slot.save(
+                {"entry": entry, "images": images[spec.name], "rng": rng_state(),
+                 "latent_shape": list(coded.z.shape[1:])}
+            )  # fmt: skip
         entries.append(entry)
         warnings += [f"{spec.name}: {w}" for w in entry["measure"]["warnings"]]
     return entries, images, warnings, measure_config
@@ -444,9 +503,12 @@ def evaluate_run(
     measure_config: MeasureConfig,
     report_extra: dict | None,
     progress: bool,
+    checkpoint: Path | None = None,
+    checkpoint_every: float = DEFAULT_EVERY_S,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """One run's report entry and images: reconstruction, measurement (with ``report_extra``
-    added to its report), diagnostics, generation and probe."""
+    added to its report; its finished work kept in ``checkpoint``), diagnostics, generation
+    and probe."""
     recon = reconstruction_metrics(coded.x_val, coded.x_hat, inputs.data_range)
     t0 = time.perf_counter()
     m = measure(
@@ -457,6 +519,8 @@ def evaluate_run(
         encoder=partial(coded.encoder.encode, device=inputs.device, progress=False),
         progress=progress,
         report_extra=report_extra,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
     )
     t_measure = time.perf_counter() - t0
     measured = {key: v for key, v in m.report.items() if key != "diagnostics"}
