@@ -18,6 +18,7 @@ from latentdist.data import load_data
 from latentdist.errors import UsageError
 from latentdist.evaluation.compare import CompareConfig, CompareResult, RunSpec
 from latentdist.evaluation.compare import compare as run_compare
+from latentdist.outdir import output_folder
 
 
 @click.command("compare", context_settings=CONTEXT)
@@ -96,13 +97,14 @@ def compare(**o) -> None:
     Under torchrun (torchrun --nproc-per-node N -m latentdist compare ...) the measurement and
     the encoding are split across the processes; rank 0 writes (docs/distributed.md).
     """
-    with parallel.session(o["device"]) as group:  # under torchrun: the process group
-        # a failure on any rank stops every rank with its message, before anything is written
-        result = parallel.check(lambda: _compare(o))
-        if group is not None and not group.is_main:
-            return  # rank 0 alone writes and prints
-    result.save(o["out"])
-    checkpoint.remove(checkpoint_folder(o))  # the result is written: nothing to resume
+    with output_folder(o["out"], "compare"):  # refused up front when unwritable or in use
+        with parallel.session(o["device"]) as group:  # under torchrun: the process group
+            # a failure on any rank stops every rank with its message, before anything is written
+            result = parallel.check(lambda: _compare(o))
+            if group is not None and not group.is_main:
+                return  # rank 0 alone writes and prints
+        result.save(o["out"])
+        checkpoint.remove(checkpoint_folder(o))  # the result is written: nothing to resume
     click.echo(result.to_json() if o["fmt"] == "json" else result.table())
     if o["fmt"] == "table":
         click.echo(f"wrote {o['out']}/compare.json, report.md and figures")

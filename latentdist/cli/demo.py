@@ -21,6 +21,7 @@ from latentdist.dae import TrainConfig, train
 from latentdist.errors import UsageError
 from latentdist.estimator import MeasureConfig
 from latentdist.evaluation.compare import compare
+from latentdist.outdir import output_folder
 
 DEMO_TRAIN = dict(
     bottleneck="kl",
@@ -75,7 +76,13 @@ def train_demo_run(
 
 
 @click.command("demo", context_settings=CONTEXT)
-@click.option("--out", default="demo_out", show_default=True, type=click.Path(file_okay=False))
+@click.option(
+    "--out",
+    default="demo_out",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Output folder (one run at a time; see docs/formats.md).",
+)
 @click.option("--data", default="mnist5k", show_default=True, help="Data to train and compare on.")
 @click.option(
     "--steps",
@@ -99,21 +106,22 @@ def demo(out: str, data: str, steps: int, fresh: bool, device: str, quiet: bool)
         raise UsageError(f"--steps {steps}: expected an integer >= 2")
     t0 = time.perf_counter()
     root = Path(out)
-    for mode in ("dae", "joint"):
-        what = train_demo_run(mode, root, data, steps, fresh, device, not quiet)
-        note = " (finished run found; pass --fresh to retrain)" if what == "reused" else ""
-        click.echo(f"{mode}: {what} {root / mode}{note}", err=True)
-    t_train = time.perf_counter() - t0
-    result = compare(
-        [root / "dae", root / "joint"],
-        data,
-        measure_config=DEMO_MEASURE,
-        gen_seeds=3,
-        feature_steps=200,
-        device=device,
-        progress=not quiet,
-    )
-    result.save(root / "compare")
+    with output_folder(root, "demo"):
+        for mode in ("dae", "joint"):
+            what = train_demo_run(mode, root, data, steps, fresh, device, not quiet)
+            note = " (finished run found; pass --fresh to retrain)" if what == "reused" else ""
+            click.echo(f"{mode}: {what} {root / mode}{note}", err=True)
+        t_train = time.perf_counter() - t0
+        result = compare(
+            [root / "dae", root / "joint"],
+            data,
+            measure_config=DEMO_MEASURE,
+            gen_seeds=3,
+            feature_steps=200,
+            device=device,
+            progress=not quiet,
+        )
+        result.save(root / "compare")
     click.echo(result.table())
     total = time.perf_counter() - t0
     click.echo(

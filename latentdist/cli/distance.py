@@ -10,6 +10,7 @@ from latentdist.data import load_data
 from latentdist.discrepancy import METRICS
 from latentdist.errors import UsageError
 from latentdist.evaluation.distance import sample_distance
+from latentdist.outdir import output_folder
 
 
 def _metric_names() -> list[str]:
@@ -62,7 +63,11 @@ def _metric_names() -> list[str]:
     "--trust-pickle", is_flag=True, help="Allow unpickling files (only for files you trust)."
 )
 @THREADS_OPTION
-@click.option("--out", type=click.Path(file_okay=False), help="Write distance.json here.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    help="Write distance.json here (one run at a time; see docs/formats.md).",
+)
 @click.option(
     "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
 )
@@ -82,21 +87,22 @@ def distance(samples: str, reference: str, **o) -> None:
         torch.set_num_threads(o["threads"])
     if o["feature_steps"] < 1:
         raise UsageError(f"--feature-steps {o['feature_steps']}: expected an integer >= 1")
-    smp = load_data(samples, trust_pickle=o["trust_pickle"])
-    ref = load_data(reference, trust_pickle=o["trust_pickle"])
-    result = sample_distance(
-        smp,
-        ref,
-        metric=o["metric"],
-        n_eval=o["n_eval"],
-        seeds=o["seeds"],
-        features=o["features"],
-        seed=o["seed"],
-        feature_steps=o["feature_steps"],
-        progress=not o["quiet"],
-    )
-    if o["out"]:
-        path = result.save(o["out"])
+    with output_folder(o["out"], "distance"):  # checked before the work, not after it
+        smp = load_data(samples, trust_pickle=o["trust_pickle"])
+        ref = load_data(reference, trust_pickle=o["trust_pickle"])
+        result = sample_distance(
+            smp,
+            ref,
+            metric=o["metric"],
+            n_eval=o["n_eval"],
+            seeds=o["seeds"],
+            features=o["features"],
+            seed=o["seed"],
+            feature_steps=o["feature_steps"],
+            progress=not o["quiet"],
+        )
+        if o["out"]:
+            path = result.save(o["out"])
     click.echo(result.to_json() if o["fmt"] == "json" else result.table())
     if o["out"] and o["fmt"] == "table":
         click.echo(f"wrote {path}")

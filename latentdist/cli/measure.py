@@ -23,6 +23,7 @@ from latentdist.device import resolve_device
 from latentdist.errors import UsageError
 from latentdist.estimator import MeasureResult, Memory, sharding
 from latentdist.estimator import measure as run_measure
+from latentdist.outdir import output_folder
 
 
 @click.command("measure", context_settings=CONTEXT)
@@ -90,14 +91,15 @@ def measure(**o) -> None:
     torchrun's rendezvous flags) the members, the encoding and the evaluation are split across
     the processes, with the single-process result; rank 0 writes (docs/distributed.md).
     """
-    with parallel.session(o["device"]) as group:  # under torchrun: the process group
-        # a failure on any rank stops every rank with its message, before anything is written
-        result, encoder_info = parallel.check(lambda: _measure(o))
-        if group is not None and not group.is_main:
-            return  # rank 0 alone writes and prints
-    if o["out"]:
-        result.save(o["out"])
-        checkpoint.remove(checkpoint_folder(o))  # the result is written: nothing to resume
+    with output_folder(o["out"], "measure"):  # refused up front when unwritable or in use
+        with parallel.session(o["device"]) as group:  # under torchrun: the process group
+            # a failure on any rank stops every rank with its message, before anything is written
+            result, encoder_info = parallel.check(lambda: _measure(o))
+            if group is not None and not group.is_main:
+                return  # rank 0 alone writes and prints
+        if o["out"]:
+            result.save(o["out"])
+            checkpoint.remove(checkpoint_folder(o))  # the result is written: nothing to resume
     click.echo(result.to_json() if o["fmt"] == "json" else result.table())
     if o["fmt"] == "table" and encoder_info.get("normalisation"):
         click.echo(f"latent normalisation: {encoder_info['normalisation']}")

@@ -9,6 +9,7 @@ from latentdist._io import to_json
 from latentdist.cli.options import CONTEXT, image_options, parse_size
 from latentdist.dae import TrainConfig, train
 from latentdist.errors import UsageError
+from latentdist.outdir import output_folder
 
 _D = TrainConfig()
 
@@ -29,7 +30,12 @@ def _ints(text: str | None) -> tuple[int, ...] | None:
     "--data", required=True, help="Built-in name (digits, mnist5k), array file or image folder."
 )
 @image_options
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Output folder (one run at a time; see docs/formats.md).",
+)
 @click.option(
     "--mode",
     type=click.Choice(["dae", "joint"]),
@@ -190,7 +196,8 @@ def train_dae(
         resize=parse_size(resize),
         **kw,  # type: ignore[arg-type]
     )
-    run = train(config)
+    with output_folder(config.out, "train-dae"):  # locked before the checkpoint is read
+        run = train(config)
     if not run:  # not rank 0
         return
     if fmt == "json":
