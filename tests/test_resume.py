@@ -148,3 +148,16 @@ def test_cli_resumes_and_removes_its_checkpoint_once_written(rows, tmp_path, mon
     assert not (out / "checkpoint").exists()  # the result is written: nothing left to resume
     one, two = (json.loads((d / "measure.json").read_text()) for d in (tmp_path / "whole", out))
     assert _stable(two) == _stable(one)
+
+
+def test_train_dae_resumes_past_a_metrics_line_cut_short(tmp_path):
+    """A kill (or a full disk) while a metrics.jsonl line is appended leaves it cut short:
+    resuming keeps the whole records up to the checkpoint and drops the rest."""
+    from latentdist.dae.log import RunLog
+
+    lines = [json.dumps({"step": s, "stage": "stage1", "loss": 1.0 / s}) for s in (10, 20, 30)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 40, "sta')
+    log = RunLog(tmp_path, "test")
+    log.start(start_step=20, resumed=True, tensorboard=False)
+    assert [r["step"] for r in log.history] == [10, 20]
+    assert (tmp_path / "metrics.jsonl").read_text() == "\n".join(lines[:2]) + "\n"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -28,14 +29,10 @@ class RunLog:
         for a new run) and open the TensorBoard writer, its events after that step dropped."""
         kept = []
         if resumed and self.path.is_file():  # drop lines logged after the checkpoint
-            kept = [
-                ln
-                for ln in self.path.read_text().splitlines()
-                if ln.strip() and json.loads(ln)["step"] <= start_step
-            ]
+            kept = [r for r in _records(self.path.read_text()) if r["step"] <= start_step]
         with atomic_open(self.path, "w") as f:
-            f.write("".join(ln + "\n" for ln in kept))
-        self.history = [json.loads(ln) for ln in kept]
+            f.write("".join(json.dumps(r) + "\n" for r in kept))
+        self.history = kept
         if tensorboard:
             self.writer = summary_writer(self.out / "tensorboard", purge_step=start_step + 1)
 
@@ -78,3 +75,13 @@ class RunLog:
             self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _records(text: str) -> list[dict]:
+    """The records of a metrics.jsonl; a line cut short (the process killed, or the disk full,
+    while appending it; only ever after the last checkpoint) is skipped."""
+    out = []
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError):
+            out.append(json.loads(line))
+    return [r for r in out if isinstance(r, dict) and "step" in r]
