@@ -22,6 +22,7 @@ def main() -> None:
         ["bench_validity.py", *(["--small"] if small else [])],
         ["bench_predictive.py", *(["--small"] if small else [])],
         ["bench_scale.py", *(["--small"] if small else [])],
+        ["bench_faults.py", *(["--small"] if small else [])],
     ]
     failed = []
     for script, *args in jobs:

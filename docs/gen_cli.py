@@ -25,7 +25,10 @@ are in [concepts.md](concepts.md), the input formats in [formats.md](formats.md)
 [metrics.md](metrics.md).
 
 Bad input (a missing file, a nonsensical flag, shapes that do not fit) gives one line on stderr
-and exit status 2.
+and exit status 2. Every `--out` folder is checked before the work starts (a file, read-only,
+full, or in use by another run: one line, exit 2) and written atomically; `measure` and
+`compare` keep their finished work in `OUT/checkpoint` and the same command resumes after an
+interruption (formats.md, "The output folder" and "Resuming").
 """
 
 

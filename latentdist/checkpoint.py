@@ -62,8 +62,9 @@ def set_rng_state(s: dict) -> None:
 
 
 def plain(obj: Any) -> Any:
-    """``obj`` with NumPy scalars and arrays as Python values and tensors, which
-    ``torch.load(weights_only=True)`` reads back (values unchanged, NaN kept)."""
+    """``obj`` with NumPy scalars and arrays as Python values and tensors, and subclasses of
+    Python's scalars as those scalars, which ``torch.load(weights_only=True)`` reads back
+    (values unchanged, NaN kept)."""
     if isinstance(obj, dict):
         return {k: plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -74,6 +75,9 @@ def plain(obj: Any) -> Any:
         return obj.item()
     if isinstance(obj, Path):
         return str(obj)
+    for base in (bool, int, float, str):  # subclasses (torch's TorchVersion is a str) as such
+        if isinstance(obj, base) and type(obj) is not base:
+            return base(obj)
     return obj
 
 

@@ -300,3 +300,44 @@ def test_compare_reads_the_data_a_batch_at_a_time(runs, monkeypatch):
         mse = float(((dec(enc(x_all[val])) - x_all[val]) ** 2).double().mean())
     assert report["runs"][0]["reconstruction"]["mse"] == pytest.approx(mse, rel=1e-5)
     assert _finite(report["runs"][0]["probe"]["fd"]["mean"])
+
+
+def _stable(value):
+    """compare.json without what differs between any two runs: times, memory, dates."""
+    volatile = ("timings", "memory", "created", "time_s")
+    if isinstance(value, dict):
+        return {k: _stable(v) for k, v in value.items() if k not in volatile}
+    if isinstance(value, list):
+        return [_stable(v) for v in value]
+    return value
+
+
+def test_an_interrupted_compare_resumes_to_the_same_result(runs, compared, tmp_path,
+                                                           monkeypatch):  # fmt: skip
+    """Stopped inside the second run's measurement (the first run finished), then run again:
+    the first run is read back, the second's fits resume, and compare.json equals the
+    uninterrupted one."""
+    from latentdist import checkpoint as ck
+
+    out = tmp_path / "cmp"
+    pair = f"ext:{runs / 'joint' / 'encoder.pt'}:{runs / 'joint' / 'decoder.pt'}"
+    args = [str(runs / "dae"), str(runs / "joint"), "--pair", pair, "--data", "digits"]
+    args += ["--out", str(out), "--checkpoint-every", "0", *MEASURE_FLAGS]
+    save, seen = ck.Slot.save, []
+
+    def stop_in_second_run(self, payload):
+        save(self, payload)
+        seen.append(self.path.relative_to(out / "checkpoint").as_posix())
+        if sum(p.startswith("run1-measure/") for p in seen) == 3:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(ck.Slot, "save", stop_in_second_run)
+        stopped = CliRunner().invoke(compare_cmd, args)
+    assert stopped.exit_code != 0 and not (out / "compare.json").exists()
+    assert "run0.pt" in seen and (out / "checkpoint" / "run0.pt").is_file()
+    resumed = CliRunner().invoke(compare_cmd, args, catch_exceptions=False)
+    assert resumed.exit_code == 0, resumed.output
+    assert not (out / "checkpoint").exists()
+    _, whole, _ = compared
+    assert _stable(json.loads((out / "compare.json").read_text())) == _stable(whole)
