@@ -28,10 +28,29 @@ TINY = dict(
     checkpoint_every=0,
 )
 MEASURE_FLAGS = [
-    "--capacities", "4,16", "--steps", "30", "--n-eval", "100", "--seeds", "2",
-    "--no-proxies", "--device", "cpu", "--gen-seeds", "2", "--feature-steps", "30",
-    "--prior-components", "3", "--probe-steps", "40", "--quiet",
-]  # fmt: skip
+    "--capacities",
+    "4,16",
+    "--steps",
+    "30",
+    "--n-eval",
+    "100",
+    "--seeds",
+    "2",
+    "--no-proxies",
+    "--device",
+    "cpu",
+    "--gen-seeds",
+    "2",
+    "--feature-steps",
+    "30",
+    "--prior-components",
+    "3",
+    "--probe-steps",
+    "40",
+    "--quiet",
+    "--threads",
+    "1",
+]  # fmt: skip (one thread: the module's runs and a test's own compute alike)
 
 
 @pytest.fixture(scope="module")
