@@ -173,7 +173,9 @@ def trial(case: str, root: Path, ref, t_ref: float, rng: random.Random, small: b
     args, name, procs = CASES[case]
     args = scaled(args, small)
     delay = rng.uniform(0.1 * t_ref, 0.9 * t_ref)
-    for _ in range(4):  # finished before the kill (the machine ran faster than for T): sooner
+    attempts = 0
+    for _ in range(4):  # finished before the kill (the machine was faster): sooner
+        attempts += 1
         out = root / f"trial-{rng.random():.12f}"
         killed = killed_at(command(args, out, procs), root, delay)
         if killed:
@@ -188,6 +190,9 @@ def trial(case: str, root: Path, ref, t_ref: float, rng: random.Random, small: b
     if code:
         print(f"  {case}: rerun failed ({code}): {err.strip()[-300:]}", flush=True)
     shutil.rmtree(out, ignore_errors=True)
+    if not killed or before:
+        print(f"  {case}: not killed while running ({attempts} attempts, last at {delay:.1f} s; "
+              f"result written before the kill: {before})", flush=True)  # fmt: skip
     return {"killed": killed and not before, "resumed": code == 0, "equal": equal, "at": delay}
 
 

@@ -224,7 +224,7 @@ def _checkpoints(
     folder: str | Path | None, restart: bool, every_s: float, cfg: MeasureConfig, rows: Rows
 ) -> Checkpoints:
     """The checkpoint folder of this measurement, named by what its result depends on: the
-    rows it reads, its settings, the process count and the library versions. The result
+    rows it reads, its settings, the process and thread counts and the library versions. The result
     resumed from it is bitwise that of an uninterrupted run on CPU; a folder kept for other
     inputs or settings is refused unless ``restart``. Under torchrun rank 0 opens (or
     restarts) it first; every rank keeps its own slots in it."""
@@ -241,6 +241,7 @@ def _checkpoints(
         "latents": checkpoint_digest(rows.z),
         "data": data,
         "world_size": parallel.describe(parallel.current())["world_size"],
+        "threads": torch.get_num_threads(),  # sums split differently over other thread counts
         **{f"version {k}": v for k, v in versions().items()},
     }
     fingerprint = checkpoint_digest(describe)

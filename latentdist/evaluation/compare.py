@@ -435,7 +435,7 @@ def compare_checkpoints(
     cfg: CompareConfig,
 ) -> Checkpoints:
     """The checkpoint folder of this comparison, named by its data, its runs' files, its
-    settings, the process count and the library versions (``latentdist.checkpoint``)."""
+    settings, the process and thread counts and the library versions (``latentdist.checkpoint``)."""
     if folder is None:
         return Checkpoints(None)
     describe = {
@@ -447,6 +447,7 @@ def compare_checkpoints(
             for s in specs
         ],
         "world_size": parallel.describe(parallel.current())["world_size"],
+        "threads": torch.get_num_threads(),
         **{f"version {k}": v for k, v in versions().items()},
     }
     fingerprint = checkpoint_digest(describe)
