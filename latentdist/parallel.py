@@ -5,7 +5,8 @@ alike. ``torchrun`` sets ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``; with ``WOR
 command joins the process group through ``env://`` (NCCL on GPUs, gloo on CPU). Every helper is
 a no-op in a single process, so the code that calls it reads the same either way.
 
-* joining and leaving: ``setup``/``teardown`` (the trainer), ``session`` (measure, compare);
+* joining and leaving: ``setup``/``teardown`` (the trainer), ``session`` (measure, compare),
+  which also stops a rank cleanly when another one dies (``Stopped``: one line, exit 2);
 * collectives on tensors: ``barrier``, ``all_reduce_sum_``, ``all_reduce_mean_``, ``broadcast_``;
 * exchanges of Python objects that carry errors as well as results (``Group.gather``): a rank
   that fails makes every rank raise its one-line error (``RankFailure``) at the next exchange;
@@ -16,7 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +46,10 @@ class DistInfo:
         return self.rank == 0
 
 
+# how long ranks that finished together wait for each other before leaving the group
+SETTLE_TIMEOUT = datetime.timedelta(minutes=2)
+
+
 def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -64,6 +72,7 @@ def setup(device_type: str, timeout=None) -> DistInfo:
             )
     created = False
     if not dist.is_initialized():
+        _import_dynamo()
         if device_type == "cuda":
             torch.cuda.set_device(local)
         dist.init_process_group(
@@ -75,27 +84,61 @@ def setup(device_type: str, timeout=None) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local, created)
 
 
-def teardown(info: DistInfo) -> None:
-    if info.created and dist.is_initialized():
+def _import_dynamo() -> None:
+    """Import torch._dynamo before the group exists, not at the first optimizer (torch.optim
+    imports it): imported while a group exists, it takes references to the group that
+    ``destroy_process_group`` leaves, so the group was never freed and gloo's threads and sockets
+    lived on into the interpreter's exit, the state in which ranks were seen to die by SIGABRT
+    ("terminate called without an active exception"; benchmarks/results/teardown.md)."""
+    with contextlib.suppress(Exception):  # a torch without it: nothing holds the group
+        importlib.import_module("torch._dynamo")
+
+
+def teardown(info: DistInfo, settle: bool = False) -> None:
+    """Leave the process group. ``settle`` when every rank leaves at the same point (after the
+    same exchange): the ranks first meet at a barrier, so that none tears its connections down
+    while another still works with them (benchmarks/results/teardown.md)."""
+    if not (info.created and dist.is_initialized()):
+        return
+    try:
+        if settle and info.world_size > 1:
+            _settle()
+    finally:
         dist.destroy_process_group()
+
+
+def _settle() -> None:
+    """A barrier bounded by ``SETTLE_TIMEOUT``; a rank gone by then is torchrun's to report."""
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=SETTLE_TIMEOUT, wait_all_ranks=True)
+        else:
+            dist.barrier()
+    except RankFailure:  # Stopped, by torchrun's SIGTERM: this rank stops too
+        raise
+    except Exception:  # noqa: BLE001 (every result is in: leave without the missing rank)
+        pass
 
 
 def barrier() -> None:
     if active():
-        dist.barrier()
+        with _exchange():
+            dist.barrier()
 
 
 def all_reduce_sum_(*tensors: torch.Tensor) -> None:
     """Sum in place across processes."""
     if active():
-        for t in tensors:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        with _exchange():
+            for t in tensors:
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
 def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
     """Average in place across processes."""
     if active():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        with _exchange():
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t.div_(dist.get_world_size())
     return t
 
@@ -103,8 +146,9 @@ def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
 def broadcast_(*tensors: torch.Tensor, src: int = 0) -> None:
     """Copy rank ``src``'s tensors to every process."""
     if active():
-        for t in tensors:
-            dist.broadcast(t, src=src)
+        with _exchange():
+            for t in tensors:
+                dist.broadcast(t, src=src)
 
 
 def all_gather_object(obj: object) -> list:
@@ -112,7 +156,8 @@ def all_gather_object(obj: object) -> list:
     if not active():
         return [obj]
     out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    with _exchange():
+        dist.all_gather_object(out, obj)
     return out
 
 
@@ -121,7 +166,8 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     if not active():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    with _exchange():
+        dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
@@ -134,6 +180,37 @@ class RankFailure(UsageError):
     def __init__(self, message: str, usage: bool, rank: int, shared: bool = True):
         super().__init__(message)
         self.usage, self.rank, self.shared = usage, rank, shared
+
+
+class Stopped(RankFailure):
+    """This rank stopped because another process of the launch died (killed, out of memory) or
+    torchrun stopped the launch: every surviving rank says so itself (not shared), exit 2."""
+
+    def __init__(self, message: str, rank: int):
+        super().__init__(message, usage=True, rank=rank, shared=False)
+
+
+def stopped(rank: int, world_size: int, broke: str | None = None) -> Stopped:
+    """The one line of rank ``rank`` stopping because another rank died: ``broke``, the error of
+    an exchange with it that broke; None on torchrun's SIGTERM (its agent sends it to the
+    survivors once it has seen a process die, or when the launch is interrupted)."""
+    other = f"rank {1 - rank} of 2" if world_size == 2 else "another rank"
+    here = f"rank {rank} of {world_size}"
+    if broke is None:
+        why = f"torchrun stopped {here} (SIGTERM): {other} died, or the launch was interrupted"
+    else:
+        cause = broke.split("] ", 1)[-1].split(". ")[0]  # gloo: "[file:line] what. advice"
+        why = f"{here} lost {other} mid-exchange ({cause}): it died (killed, out of memory?)"
+    return Stopped(f"stopped: {why}; torchrun's summary names the cause; nothing was written", -1)
+
+
+@contextlib.contextmanager
+def _exchange() -> Iterator[None]:
+    """Around a collective: the error of one that broke (a rank gone) becomes ``Stopped``."""
+    try:
+        yield
+    except RuntimeError as e:  # gloo's "Connection reset by peer", NCCL's, a timeout
+        raise stopped(dist.get_rank(), dist.get_world_size(), str(e) or type(e).__name__) from e
 
 
 @dataclass
@@ -157,14 +234,15 @@ class Group:
         in, and once a failure is known no rank exchanges again; all of them unwind."""
         try:
             payload: tuple = ("ok", fn())
-        except RankFailure:  # learnt at an exchange inside fn, as every rank did: no more
-            raise
+        except RankFailure:  # learnt at an exchange inside fn, as every rank did, or this rank
+            raise  # is stopping (Stopped): no more exchanges; all of them unwind
         except Exception as e:  # noqa: BLE001 (shipped to every rank, re-raised there)
             usage = isinstance(e, UsageError) and getattr(e, "usage", True)
             text = str(e) if usage else f"{type(e).__name__}: {e}"
             payload = ("error", " ".join(text.split()), usage)
         out: list = [None] * self.world_size
-        dist.all_gather_object(out, payload)
+        with _exchange():
+            dist.all_gather_object(out, payload)
         failed = [(r, p) for r, p in enumerate(out) if p[0] == "error"]
         if failed:
             r, (_, text, usage) = failed[0]
@@ -205,7 +283,11 @@ def describe(group: Group | None) -> dict[str, Any]:
 @contextlib.contextmanager
 def session(device: str) -> Iterator[Group | None]:
     """Join the process group when launched by torchrun with ``WORLD_SIZE > 1`` (gloo on CPU,
-    NCCL on CUDA), and leave it afterwards; yields the group, or None in a single process."""
+    NCCL on CUDA), and leave it afterwards; yields the group, or None in a single process.
+
+    A rank that dies makes the others stop with one line (``Stopped``) and exit status 2, within
+    torchrun's monitor interval: an exchange with it breaks, or torchrun's SIGTERM arrives. Ranks
+    that finish (or fail at the same exchange) leave together, through a barrier."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         yield None
         return
@@ -213,10 +295,38 @@ def session(device: str) -> Iterator[Group | None]:
     # ranks), longer than torch's default timeouts (NCCL's 10 min); a rank that dies is
     # torchrun's to notice, which then stops the others
     info = setup(resolve_device(device).type, timeout=datetime.timedelta(hours=24))
+    with _stop_on_sigterm(info):
+        settle = False
+        try:
+            yield current()
+            settle = True
+        except RankFailure as e:
+            settle = e.shared  # every rank raised it at the same exchange
+            raise
+        finally:
+            teardown(info, settle=settle)
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(info: DistInfo) -> Iterator[None]:
+    """Make torchrun's SIGTERM raise ``Stopped`` (a line, exit 2) rather than kill silently.
+    Once this rank is stopping, later SIGTERMs are ignored, so that it ends with its own status
+    (torchrun still kills it 30 s on)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise stopped(info.rank, info.world_size)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        yield current()
-    finally:
-        teardown(info)
+        yield
+    except BaseException:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise
+    signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def progress(quiet: bool = False) -> bool:
