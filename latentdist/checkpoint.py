@@ -178,7 +178,6 @@ class Checkpoints:
         return Checkpoints(folder, fingerprint, describe, every_s=self.every_s)
 
 
-
 def remove(folder: str | Path | None) -> None:
     """Remove a checkpoint folder: its computation finished and the result is written."""
     if folder is not None:
