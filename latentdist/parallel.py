@@ -201,7 +201,26 @@ def stopped(rank: int, world_size: int, broke: str | None = None) -> Stopped:
     else:
         cause = broke.split("] ", 1)[-1].split(". ")[0]  # gloo: "[file:line] what. advice"
         why = f"{here} lost {other} mid-exchange ({cause}): it died (killed, out of memory?)"
-    return Stopped(f"stopped: {why}; torchrun's summary names the cause; nothing was written", -1)
+    tail = "torchrun's summary names the cause; no result was written, the rerun resumes"
+    return Stopped(f"stopped: {why}; {tail}", -1)
+
+
+@contextlib.contextmanager
+def stop_when_a_rank_dies(info: DistInfo) -> Iterator[None]:
+    """For code whose collectives are not ``Group`` exchanges (the trainer's DDP): torchrun's
+    SIGTERM (``stop_on_sigterm``), or a collective that broke in the backend (gloo, NCCL)
+    because a rank died, become ``Stopped``: one line, exit 2. No-op in a single process."""
+    if info.world_size <= 1:
+        yield
+        return
+    with stop_on_sigterm(info):
+        try:
+            yield
+        except RuntimeError as e:
+            text = str(e)
+            if not (isinstance(e, dist.DistError) or "gloo" in text or "NCCL" in text):
+                raise  # ours, not the backend's
+            raise stopped(info.rank, info.world_size, text or type(e).__name__) from e
 
 
 @contextlib.contextmanager
@@ -295,7 +314,7 @@ def session(device: str) -> Iterator[Group | None]:
     # ranks), longer than torch's default timeouts (NCCL's 10 min); a rank that dies is
     # torchrun's to notice, which then stops the others
     info = setup(resolve_device(device).type, timeout=datetime.timedelta(hours=24))
-    with _stop_on_sigterm(info):
+    with stop_on_sigterm(info):
         settle = False
         try:
             yield current()
@@ -308,7 +327,7 @@ def session(device: str) -> Iterator[Group | None]:
 
 
 @contextlib.contextmanager
-def _stop_on_sigterm(info: DistInfo) -> Iterator[None]:
+def stop_on_sigterm(info: DistInfo) -> Iterator[None]:
     """Make torchrun's SIGTERM raise ``Stopped`` (a line, exit 2) rather than kill silently.
     Once this rank is stopping, later SIGTERMs are ignored, so that it ends with its own status
     (torchrun still kills it 30 s on)."""

@@ -154,3 +154,34 @@ def test_a_killed_rank_stops_the_launch_with_one_line(inputs, tmp_path, killed):
     rerun = torchrun(args, cwd=tmp_path, timeout=240)
     assert rerun.returncode == 0, launch_failure(rerun.stderr)
     assert (out / "measure.json").is_file()
+
+
+def test_a_killed_trainer_rank_stops_the_other_with_one_line(tmp_path):
+    """train-dae under torchrun (DDP, gloo): rank 1 killed mid-run; rank 0 stops with one line
+    and status 2 (its DDP collective broke, or torchrun's SIGTERM came first), and
+    ``--resume`` continues from the last checkpoint."""
+    out = tmp_path / "run"
+    args = ["latentdist", "train-dae", "--data", "digits", "--base-width", "4"]
+    args += ["--downsample", "2", "--latent-channels", "2", "--batch-size", "32"]
+    args += ["--stage1-steps", "400", "--stage2-steps", "400", "--checkpoint-every", "5"]
+    args += ["--threads", "1", "--no-progress", "--device", "cpu", "--out", str(out)]
+    cmd, env = torchrun_command(args)
+    with open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + 240
+            while not (out / "checkpoint.pt").is_file() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            t_kill = kill_when_running(proc, 1, deadline)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    stopped_after = time.monotonic() - t_kill
+    stderr = (tmp_path / "stderr").read_text()
+    assert stopped_after < STOP_BOUND_S, (stopped_after, launch_failure(stderr))
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("latentdist:")]
+    assert len(lines) == 1 and lines[0].startswith("latentdist: error: stopped: "), stderr[-3000:]
+    summary = re.findall(r"rank\s*: (\d+) .*\n\s*exitcode\s*: (-?\d+)", stderr)
+    assert {int(r): int(c) for r, c in summary} == {1: -signal.SIGKILL, 0: 2}, stderr[-3000:]
+    assert not (out / "run.json").exists() and (out / "checkpoint.pt").is_file()

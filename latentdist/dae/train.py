@@ -84,7 +84,8 @@ def train(config: TrainConfig) -> dict:
     try:
         if device.type == "cuda" and info.world_size > 1:
             device = torch.device("cuda", info.local_rank)
-        return _train(config, device, info)
+        with parallel.stop_when_a_rank_dies(info):  # a rank killed: one line here, exit 2
+            return _train(config, device, info)
     finally:
         torch.use_deterministic_algorithms(deterministic)
         torch.set_num_threads(threads)
