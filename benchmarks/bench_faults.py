@@ -1,17 +1,16 @@
 """Faults: ``measure``, ``compare`` and ``train-dae`` killed at random points resume to the result
 of a run never killed.
 
-Each case is the command line as a user runs it, in one process or under ``torchrun
---standalone --nproc-per-node 2`` (gloo). First the case runs uninterrupted: its output is the
-reference and its wall time T. Then, per trial, the same command starts in a session of its own
-and, at a time drawn uniformly from [0.1 T, 0.9 T], it and every process below it (torchrun's
-workers run in sessions of their own) are
-killed with SIGKILL, as a preempted machine would be (when it finished before, it starts again
-in a fresh folder and is killed after half the time, up to four times); the command is then run
-again (train-dae
-with ``--resume``, the others as they were) and its output compared with the reference:
-``measure.json`` / ``compare.json`` without timings, memory and dates, bitwise; train-dae's
-``model.safetensors`` tensors bitwise and ``run.json`` without its timings.
+Each case is the command line as a user runs it, in one process or under ``torchrun --standalone
+--nproc-per-node 2`` (gloo). First the case runs uninterrupted: its output is the reference and
+its wall time T. Then, per trial, the same command starts in a session of its own and, at a time
+drawn uniformly from [0.1 T, 0.9 T], it and every process below it (torchrun's workers run in
+sessions of their own) are killed with SIGKILL, as a preempted machine would be (when it
+finished before, it starts again in a fresh folder and is killed after half the time, up to four
+times); the command is then run again (train-dae with ``--resume``, the others as they were) and
+its output compared with the reference: ``measure.json`` / ``compare.json`` without timings,
+memory and dates, bitwise; train-dae's ``model.safetensors`` tensors bitwise and ``run.json``
+without its timings.
 
     python benchmarks/bench_faults.py [--small] [--trials N] [--seed S]
 
