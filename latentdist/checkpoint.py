@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from latentdist._io import save_json, save_torch
+from latentdist._io import save_json, save_torch, to_json
 from latentdist.errors import UsageError
 
 FOLDER = "checkpoint"
@@ -92,18 +92,8 @@ def digest(*parts: Any) -> str:
             h.update(f"{t.dtype}{tuple(t.shape)}".encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         else:
-            h.update(json.dumps(plain_json(p), sort_keys=True).encode())
+            h.update(to_json(p, indent=None).encode())
     return h.hexdigest()[:20]
-
-
-def plain_json(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): plain_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [plain_json(v) for v in obj]
-    if isinstance(obj, (np.generic, Path)):
-        return plain(obj)
-    return obj
 
 
 class Slot:
@@ -151,7 +141,6 @@ class Checkpoints:
     ):
         self.folder = None if folder is None else Path(folder)
         self.fingerprint, self.every_s = fingerprint, every_s
-        self.resumed: list[str] = []
         if self.folder is None:
             return
         meta = self.folder / "fingerprint.json"
@@ -165,17 +154,12 @@ class Checkpoints:
                 "same inputs and settings to resume it, or pass --restart to start afresh"
             )
         if old is None and owner:
-            save_json(meta, {"fingerprint": fingerprint, "describe": plain_json(describe or {})})
+            save_json(meta, {"fingerprint": fingerprint, "describe": describe or {}})
 
     def slot(self, key: str) -> Slot:
         """The slot named ``key`` (a file name without suffix)."""
         path = None if self.folder is None else self.folder / f"{key}.pt"
         return Slot(path, self.every_s)
-
-    def sub(self, name: str, fingerprint: str, describe: Mapping[str, Any] | None = None):
-        """A folder inside this one for a part of the computation (a run of ``compare``)."""
-        folder = None if self.folder is None else self.folder / name
-        return Checkpoints(folder, fingerprint, describe, every_s=self.every_s)
 
 
 def remove(folder: str | Path | None) -> None:
@@ -194,7 +178,7 @@ def _read_meta(path: Path) -> dict | None:
 
 def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     """Which described entries differ, as 'key: old -> new' (the first three)."""
-    new = plain_json(new)
+    new = json.loads(to_json(new))  # as fingerprint.json holds it
     diffs = [
         f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}"
         for k in sorted(set(old) | set(new))
