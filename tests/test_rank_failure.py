@@ -71,9 +71,11 @@ def test_leaving_the_group_stops_gloo_threads(tmp_path):
     (tmp_path / "leave_group.py").write_text(LEAVE)
     proc = torchrun(["leave_group"], cwd=tmp_path, timeout=240)
     assert proc.returncode == 0, launch_failure(proc.stderr)
-    lines = sorted(ln for ln in proc.stdout.splitlines() if "threads after the session" in ln)
-    assert [ln.split(" threads")[0] for ln in lines] == ["rank 0", "rank 1"], proc.stdout
-    assert not [ln for ln in lines if "gloo" in ln], lines
+    # the two ranks' lines reach torchrun's stdout unordered, at times without the newline
+    # between them: read each report by its pattern, not by line
+    reports = sorted(re.findall(r"rank (\d) threads after the session: (\[[^\]]*\])", proc.stdout))
+    assert [r for r, _ in reports] == ["0", "1"], proc.stdout
+    assert not [t for _, t in reports if "gloo" in t], reports
 
 
 def workers(launcher: int) -> dict[int, int]:
@@ -117,22 +119,31 @@ def kill_when_running(proc: subprocess.Popen, rank: int, deadline: float) -> flo
     raise AssertionError("the workers never reached the session")
 
 
+def launch_and_kill(args: list[str], tmp_path: Path, rank: int, after: Path | None = None):
+    """Launch ``args`` under torchrun, SIGKILL rank ``rank`` once both ranks are running (and
+    ``after`` exists, when given) and wait for the launch to end: (the launcher's process,
+    seconds from the kill to the end, its stderr)."""
+    cmd, env = torchrun_command(args)
+    with open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + 240
+            while after is not None and not after.is_file() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            t_kill = kill_when_running(proc, rank, deadline)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    return proc, time.monotonic() - t_kill, (tmp_path / "stderr").read_text()
+
+
 @pytest.mark.parametrize("killed", [1, 0])
 def test_a_killed_rank_stops_the_launch_with_one_line(inputs, tmp_path, killed):
     out = tmp_path / "out"
     args = ["latentdist", "measure", "--encoder", str(inputs / "encoder.pt")]
     args += ["--data", str(inputs / "images"), *FLAGS, "--out", str(out)]
-    cmd, env = torchrun_command(args)
-    with open(tmp_path / "stderr", "w") as err:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        try:
-            t_kill = kill_when_running(proc, killed, time.monotonic() + 240)
-            proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    stopped_after = time.monotonic() - t_kill
-    stderr = (tmp_path / "stderr").read_text()
+    proc, stopped_after, stderr = launch_and_kill(args, tmp_path, killed)
     assert proc.returncode != 0  # torchrun's status is 1 when a worker fails
     assert stopped_after < STOP_BOUND_S, (stopped_after, launch_failure(stderr))
     survivor = 1 - killed
@@ -165,20 +176,7 @@ def test_a_killed_trainer_rank_stops_the_other_with_one_line(tmp_path):
     args += ["--downsample", "2", "--latent-channels", "2", "--batch-size", "32"]
     args += ["--stage1-steps", "400", "--stage2-steps", "400", "--checkpoint-every", "5"]
     args += ["--threads", "1", "--no-progress", "--device", "cpu", "--out", str(out)]
-    cmd, env = torchrun_command(args)
-    with open(tmp_path / "stderr", "w") as err:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        try:
-            deadline = time.monotonic() + 240
-            while not (out / "checkpoint.pt").is_file() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            t_kill = kill_when_running(proc, 1, deadline)
-            proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    stopped_after = time.monotonic() - t_kill
-    stderr = (tmp_path / "stderr").read_text()
+    _, stopped_after, stderr = launch_and_kill(args, tmp_path, 1, after=out / "checkpoint.pt")
     assert stopped_after < STOP_BOUND_S, (stopped_after, launch_failure(stderr))
     lines = [ln for ln in stderr.splitlines() if ln.startswith("latentdist:")]
     assert len(lines) == 1 and lines[0].startswith("latentdist: error: stopped: "), stderr[-3000:]
