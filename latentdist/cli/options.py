@@ -17,6 +17,7 @@ from latentdist.data.files import CHANNELS
 from latentdist.errors import UsageError
 from latentdist.estimator import (
     DEFAULT_CAPACITIES,
+    EXTEND_LIMIT,
     FITS,
     GENERATORS,
     METRICS,
@@ -111,7 +112,19 @@ def _family_options() -> list:
             + ",".join(map(str, DEFAULT_CAPACITIES["mlp"]))
             + "; conv "
             + ",".join(map(str, DEFAULT_CAPACITIES["conv"]))
-            + ".",
+            + ". A default sweep then doubles its largest capacity until the curve flattens "
+            "(see --max-capacity).",
+        ),
+        click.option(
+            "--max-capacity",
+            type=int,
+            default=None,
+            metavar="C",
+            help="Extend the sweep by doubling its largest capacity while the distance still "
+            "falls measurably (paired over seeds) and has not reached epsilon at two consecutive "
+            "capacities, up to C; 0: never. Default: "
+            + f"{EXTEND_LIMIT['mlp']} for a default mlp sweep, {EXTEND_LIMIT['conv']} (no "
+            "extension) for conv, none when --capacities is given.",
         ),
         click.option(
             "--depth",
@@ -260,6 +273,7 @@ def config_from_options(o: dict) -> MeasureConfig:
     return MeasureConfig(
         generator=o["generator"],
         capacities=parse_capacities(o["capacities"]),
+        max_capacity=o["max_capacity"],
         depth=o["depth"],
         metric=o["metric"],
         fit=o["fit"],

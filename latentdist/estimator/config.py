@@ -47,6 +47,10 @@ SELECTION_MEANING = (
 # (benchmarks/results/capacity.md: the rank-limited mlp reaches the floor's band near 64 on
 # MNIST-5k latents)
 DEFAULT_CAPACITIES = {"mlp": (1, 2, 4, 8, 16, 32, 64), "conv": (4, 8, 16, 32), "linear": ()}
+# how far the default sweep may extend (estimator.saturation.next_capacity): conv sweeps are
+# not extended by default, since one more conv capacity costs minutes per seed on photographs
+# (benchmarks/results/conv_cpu.md)
+EXTEND_LIMIT = {"mlp": 256, "conv": 32, "linear": 0}
 DEFAULT_LR = {"linear": 2e-2, "mlp": 2e-3, "conv": 2e-3}
 GENERATORS = ("auto", *FAMILIES)
 # --generator auto takes mlp while the linear map from latent to data has at most this many
@@ -105,6 +109,9 @@ class MeasureConfig:
 
     generator: str = "auto"  # choose_generator: mlp unless too large for spatial latents
     capacities: tuple[int, ...] | None = None  # None: the family's default sweep
+    # the sweep doubles its largest capacity until the curve flattens, up to this; None: the
+    # family's EXTEND_LIMIT for a default sweep, no extension for given capacities; 0: never
+    max_capacity: int | None = None
     depth: int = 2
     metric: str = "mmd"  # the validity benchmark's choice (benchmarks/results/validity.md)
     fit: str = "mmd"
@@ -138,6 +145,8 @@ class MeasureConfig:
         ):
             if int(value) < low:
                 raise _bad(flag, value, f"an integer >= {low}")
+        if self.max_capacity is not None and int(self.max_capacity) < 0:
+            raise _bad("max-capacity", self.max_capacity, "an integer >= 0")
         if self.n_eval is not None and self.n_eval < 2:
             raise _bad("n-eval", self.n_eval, "an integer >= 2")
         lr = self.lr
@@ -152,7 +161,10 @@ class MeasureConfig:
         if self.epsilon is not None and not (np.isfinite(self.epsilon) and self.epsilon >= 0):
             raise _bad("epsilon", self.epsilon, "a non-negative number")
         resolve_device(self.device)
-        return replace(self, capacities=self._checked_capacities(), lr=lr)
+        limit = self.max_capacity
+        if limit is None and self.generator != "auto":
+            limit = EXTEND_LIMIT[self.generator] if self.capacities is None else 0
+        return replace(self, capacities=self._checked_capacities(), lr=lr, max_capacity=limit)
 
     def _checked_capacities(self) -> tuple[int, ...] | None:
         if self.generator == "linear":
@@ -175,4 +187,8 @@ class MeasureConfig:
             return cfg, f"{cfg.generator}: given"
         family, why = choose_generator(latent_shape, data_shape, cfg.capacities, cfg.depth)
         caps = cfg.capacities or DEFAULT_CAPACITIES[family]
-        return replace(cfg, generator=family, capacities=caps).validate(), why
+        limit = cfg.max_capacity
+        if limit is None:
+            limit = EXTEND_LIMIT[family] if cfg.capacities is None else 0
+        resolved = replace(cfg, generator=family, capacities=caps, max_capacity=limit)
+        return resolved.validate(), why

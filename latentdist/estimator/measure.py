@@ -37,7 +37,8 @@ from latentdist.estimator.config import (
     default_fit_batch,
 )
 from latentdist.estimator.memory import Memory, memory_report
-from latentdist.estimator.paired import critical_interval
+from latentdist.estimator.paired import BOOTSTRAP_REPLICATES, critical_interval
+from latentdist.estimator.saturation import next_capacity, saturation
 from latentdist.estimator.selection import evaluate_sweep
 from latentdist.estimator.split import default_n_eval, default_n_val, make_split
 from latentdist.estimator.stats import mean_ci
@@ -146,21 +147,15 @@ def measure(
     rows = _read_rows(cfg, z_src, x_src)
     kept = _checkpoints(checkpoint, restart, checkpoint_every, cfg, rows)
     memory.stop("load")
-    caps: list[int | None] = list(cfg.capacities) or [None]
     fits = fits_to_run(cfg, rows.rows_correspond)
-    with _phase(memory, phases, "fit"):
-        fitted, paired_start = fit_all(
-            cfg, fits, caps, rows.seeds, rows.splits, rows.z, rows.x, shapes, device, progress, kept
-        )  # fmt: skip
-    with _phase(memory, phases, "evaluate"):
-        kernel, floors, curve_data, eval_seeds = evaluate_sweep(
-            cfg, caps, rows.seeds, rows.splits, rows.z, rows.x, fitted, shapes, progress, kept
-        )
+    swept = _sweep(cfg, fits, rows, shapes, device, progress, kept, (memory, phases))
+    caps, fitted, curve_data = swept.caps, swept.fitted, swept.curve_data
+    kernel, floors, paired_start = swept.kernel, swept.floors, swept.paired_start
     with _phase(memory, phases, "proxies"):
         proxies = _proxies(cfg, caps, rows, curve_data, shapes) if cfg.proxies else None
-        # each seed evaluates n_eval of the finite rows: intervals carry that (stats.mean_ci)
-        sampled = max(rows.n_eval / rows.n_x, rows.n_eval / rows.n_z)
-        curve = curve_entries(caps, curve_data, proxies, len(fits) > 1 or cfg.select, sampled)
+        curve = curve_entries(
+            caps, curve_data, proxies, len(fits) > 1 or cfg.select, _sampled(rows)
+        )
     with _phase(memory, phases, "geometry"):
         latent_info, diagnostics = parallel.on_main(  # rank 0's, under torchrun
             lambda: describe_latent(
@@ -168,6 +163,7 @@ def measure(
             )
         )
     report = _report(cfg, rows, curve, floors, fits, fitted, paired_start, shapes)
+    report["sweep"] = swept.extension
     report.update(
         kernel=kernel or None,
         generator_choice=generator_choice,
@@ -175,7 +171,7 @@ def measure(
         diagnostics=diagnostics,
         device=str(device),
         versions=versions(),
-        distributed=_distributed(fits, fitted, eval_seeds),
+        distributed=_distributed(fits, fitted, swept.eval_seeds),
     )
     _add_costs(report, phases, timings, memory, time.perf_counter() - t_start)
     report.update(report_extra or {})
@@ -185,11 +181,91 @@ def measure(
 
 @contextlib.contextmanager
 def _phase(memory: Memory, phases: dict[str, float], name: str) -> Iterator[None]:
-    """Time a phase into ``phases[name]`` and track its peak memory."""
+    """Time a phase into ``phases[name]`` (summed when it recurs) and track its peak memory."""
     t0 = time.perf_counter()
     with memory.track(name):
         yield
-    phases[name] = time.perf_counter() - t0
+    phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
+
+
+@dataclass
+class Swept:
+    """The fitted and evaluated sweep, its capacities extended as ``next_capacity`` says."""
+
+    caps: list
+    fitted: dict  # per fit: the members' final losses and, under torchrun, the plan
+    paired_start: dict | None
+    kernel: Any
+    floors: list
+    curve_data: dict
+    eval_seeds: list
+    extension: dict
+
+
+def _sweep(
+    cfg: MeasureConfig, fits: list, rows: Rows, shapes: tuple, device: torch.device,
+    progress: bool, kept: Checkpoints, phase: tuple[Memory, dict],
+) -> Swept:  # fmt: skip
+    """Fit and evaluate the configured capacities, then double the largest one while the
+    curve still falls (``saturation.next_capacity``, up to ``cfg.max_capacity``): each added
+    capacity is fitted alone and evaluated with the same judges, its nested candidate the
+    choice below it."""
+    caps, todo, judges = [], list(cfg.capacities) or [None], {}
+    fitted: dict[str, dict] = {f: {"final_loss": [], "plan": None} for f in fits}
+    curve_data: dict = {}
+    paired_start = None
+    while todo:
+        tag = f"-c{todo[0]}" if caps else ""  # checkpoint slots of an extension's fits
+        with _phase(*phase, "fit"):
+            part, start = fit_all(
+                cfg, fits, todo, rows.seeds, rows.splits, rows.z, rows.x, shapes, device,
+                progress, kept, tag,
+            )  # fmt: skip
+        below = curve_data[caps[-1]] if caps else None
+        with _phase(*phase, "evaluate"):
+            kernel, floors, got, eval_seeds = evaluate_sweep(
+                cfg, todo, rows.seeds, rows.splits, rows.z, rows.x, part, shapes, progress,
+                kept, judges, below,
+            )  # fmt: skip
+        for f in fits:
+            fitted[f]["final_loss"] += part[f]["final_loss"]
+            fitted[f]["plan"] = _joined_plan(fitted[f]["plan"], part[f].get("plan"))
+        paired_start = paired_start or start
+        caps += todo
+        curve_data.update(got)
+        nxt, why = next_capacity(
+            curve_entries(caps, curve_data, None, False, _sampled(rows)),
+            _epsilon(cfg, _floor(rows, floors)),
+            _sampled(rows),
+            cfg.max_capacity or 0,
+        )
+        todo = [nxt] if nxt is not None else []
+    added = caps[len(cfg.capacities or [None]) :]
+    extension = {"capacities": caps, "added": added, "limit": cfg.max_capacity, "stopped": why}
+    return Swept(caps, fitted, paired_start, kernel, floors, curve_data, eval_seeds, extension)
+
+
+def _joined_plan(plan: list | None, more: list | None) -> list | None:
+    """Each rank's members over the rounds of an extended sweep (torchrun)."""
+    if plan is None or more is None:
+        return plan or more
+    return [a + b for a, b in zip(plan, more, strict=True)]
+
+
+def _sampled(rows: Rows) -> float:
+    """The fraction of the finite rows each seed evaluates (intervals carry it, stats.mean_ci)."""
+    return max(rows.n_eval / rows.n_x, rows.n_eval / rows.n_z)
+
+
+def _floor(rows: Rows, floors: list) -> dict:
+    return mean_ci(floors, sampled_fraction=rows.n_eval / rows.n_x)
+
+
+def _epsilon(cfg: MeasureConfig, floor: dict) -> float:
+    """The critical capacity's tolerance: ``--epsilon``, else the floor's upper 95 % limit."""
+    if cfg.epsilon is not None:
+        return float(cfg.epsilon)
+    return float(floor["ci"][1] if floor["ci"] else floor["mean"])
 
 
 def _read_rows(cfg: MeasureConfig, z_src: Any, x_src: Any) -> Rows:
@@ -271,14 +347,19 @@ def _report(
     paired_start: dict | None, shapes: tuple,
 ) -> dict[str, Any]:  # fmt: skip
     """The measurement's own entries of ``measure.json`` (SPEC §4)."""
-    floor = mean_ci(floors, sampled_fraction=rows.n_eval / rows.n_x)
-    epsilon = cfg.epsilon
-    if epsilon is None:
-        epsilon = floor["ci"][1] if floor["ci"] else floor["mean"]
+    floor = _floor(rows, floors)
+    epsilon = _epsilon(cfg, floor)
     critical, warnings, monotone = judge_curve(
         curve, floor, epsilon, cfg.generator, cfg.metric, rows.n_eval, shapes[1]
     )
     splits = rows.splits
+    flat = saturation(curve, floor, _sampled(rows), BOOTSTRAP_REPLICATES, cfg.seed)
+    if critical is None and flat["capacity"] is None and len(curve) > 1 and floor["ci"]:
+        warnings.append(
+            f"the distance still falls at the largest capacity ({curve[-1]['capacity']}) and "
+            "has not reached the floor: a larger generator would come closer, so the curve's "
+            "end is not the latent's distance (pass larger --capacities or --max-capacity)"
+        )
     return {
         "metric": cfg.metric,
         "fit": cfg.fit,
@@ -308,6 +389,7 @@ def _report(
             "epsilon_source": "--epsilon" if cfg.epsilon is not None else "floor upper CI",
             **critical_interval(curve, float(epsilon), seed=cfg.seed),
         },
+        "saturation": flat,
         "monotone": monotone,
         "warnings": warnings,
         "data": {
@@ -354,7 +436,7 @@ def _distributed(fits: list, fitted: dict, eval_seeds: list) -> dict[str, Any]:
 _KEY_ORDER = (
     "metric", "fit", "fit_meaning", "fits", "fit_batch_size", "selection", "paired_start",
     "kernel", "generator", "generator_choice", "depth", "n_eval", "seeds", "floor", "curve",
-    "critical_capacity", "monotone", "warnings", "latent", "diagnostics", "data",
+    "critical_capacity", "saturation", "sweep", "monotone", "warnings", "latent", "diagnostics", "data",
     "fit_diagnostics", "config", "device", "versions", "timings", "memory", "distributed",
     "created",
 )  # fmt: skip

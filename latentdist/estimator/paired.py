@@ -12,12 +12,12 @@ both, so their difference is paired too.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
 from latentdist.errors import UsageError
+from latentdist.estimator.saturation import saturation_indices
 from latentdist.estimator.stats import mean_ci
 
 BOOTSTRAP_REPLICATES = 2000
@@ -80,55 +80,81 @@ def _check_comparable(a: dict, b: dict) -> None:
             "paired difference: the runs were not scored on the same held-out rows (their "
             "floors differ); measure both on the same data with the same settings"
         )
-    if _capacities(a["curve"]) != _capacities(b["curve"]):
-        raise UsageError("paired difference: the runs' capacity sweeps differ")
+    if not _common(a, b):
+        raise UsageError("paired difference: the runs' capacity sweeps share no capacity")
 
 
-def _log2_step(caps: list, i: int, j: int) -> float | None:
-    """log2(cap_i / cap_j) with 'beyond the sweep' as None."""
-    if i >= len(caps) or j >= len(caps) or not caps[i] or not caps[j]:
-        return None
-    return math.log2(caps[i] / caps[j])
+def _common(a: dict, b: dict) -> list:
+    """The capacities both sweeps measured (a default sweep extends as far as its own curve
+    needs, so one run's may go further)."""
+    theirs = set(_capacities(b["curve"]))
+    return [c for c in _capacities(a["curve"]) if c in theirs]
+
+
+def _as_capacity(caps: list, indices: np.ndarray) -> np.ndarray:
+    """Sweep indices as capacities, with "not reached within the sweep" as +inf."""
+    table = np.array([np.inf if c is None else c for c in caps] + [np.inf], dtype=float)
+    return table[indices]
+
+
+def _compare_draws(ca: np.ndarray, cb: np.ndarray) -> dict[str, Any]:
+    """Per bootstrap draw, the two runs' capacities: how often each is the smaller, and the
+    interval of log2(a / b) (null where a run's is beyond its sweep)."""
+    with np.errstate(invalid="ignore"):
+        ratio = np.log2(ca / cb)
+    lo, hi = (np.quantile(ratio, q, method="inverted_cdf") for q in (0.025, 0.975))
+    return {
+        "a_smaller_share": round(float((ca < cb).mean()), 4),
+        "b_smaller_share": round(float((cb < ca).mean()), 4),
+        "log2_ratio_interval": [float(v) if np.isfinite(v) else None for v in (lo, hi)],
+    }
+
+
+def _bootstrapped(r: dict, which: str, sampled: float, draws: np.ndarray) -> np.ndarray:
+    """Run ``r``'s critical or saturation capacity per bootstrap draw of seeds."""
+    if which == "critical_capacity":
+        idx = _critical_indices(r["curve"], r["critical_capacity"]["epsilon"], draws)
+    else:
+        idx = saturation_indices(r["curve"], sampled, draws)
+    return _as_capacity(_capacities(r["curve"]), idx)
 
 
 def paired_difference(
     a: dict[str, Any], b: dict[str, Any], replicates: int = BOOTSTRAP_REPLICATES, seed: int = 0
 ) -> dict[str, Any]:
-    """D_c(A) - D_c(B) per capacity, seed by seed, with its interval (``mean_ci``, widened for
-    the fraction of the rows each seed evaluates), and the paired bootstrap of the two
-    critical capacities. ``a``, ``b``: two ``measure`` reports of the same data and settings."""
+    """D_c(A) - D_c(B) per capacity both sweeps measured, seed by seed, with its interval
+    (``mean_ci``, widened for the fraction of the rows each seed evaluates), and the paired
+    bootstrap of the two critical and the two saturation capacities (the same resampled seeds
+    for both runs). ``a``, ``b``: two ``measure`` reports of the same data and settings."""
     _check_comparable(a, b)
     sampled = a["n_eval"] / a["data"]["rows"]
+    common = set(_common(a, b))
+    pairs = zip(
+        [e for e in a["curve"] if e["capacity"] in common],
+        [e for e in b["curve"] if e["capacity"] in common],
+        strict=True,
+    )
     curve = []
-    for ea, eb in zip(a["curve"], b["curve"], strict=True):
+    for ea, eb in pairs:
         diff = np.subtract(ea["distance"]["per_seed"], eb["distance"]["per_seed"]).tolist()
         curve.append({"capacity": ea["capacity"], **mean_ci(diff, sampled_fraction=sampled)})
-    caps = _capacities(a["curve"])
-    critical = {
-        "a": a["critical_capacity"]["capacity"],
-        "b": b["critical_capacity"]["capacity"],
-    }
-    n_seeds = len(a["seeds"])
-    if n_seeds >= 2:
-        draws = _draws(n_seeds, replicates, seed)
-        ia = _critical_indices(a["curve"], a["critical_capacity"]["epsilon"], draws)
-        ib = _critical_indices(b["curve"], b["critical_capacity"]["epsilon"], draws)
-        steps = ia - ib  # capacity steps of the sweep; beyond the sweep counts as one more step
-        critical.update(
-            a_smaller_share=round(float((ia < ib).mean()), 4),
-            b_smaller_share=round(float((ib < ia).mean()), 4),
-            steps_interval=[
-                int(np.quantile(steps, q, method="inverted_cdf")) for q in (0.025, 0.975)
-            ],
-            log2_ratio=_log2_step(caps, _index(caps, critical["a"]), _index(caps, critical["b"])),
-            method=f"paired percentile bootstrap over seeds ({replicates} replicates): the same "
-            "resampled seeds for both runs; steps_interval in steps of the capacity sweep",
-        )
-    return {"curve": curve, "critical_capacity": critical}
-
-
-def _index(caps: list, cap: Any) -> int:
-    return caps.index(cap) if cap in caps else len(caps)
+    out: dict[str, Any] = {"curve": curve}
+    draws = _draws(len(a["seeds"]), replicates, seed) if len(a["seeds"]) >= 2 else None
+    for which in ("critical_capacity", "saturation"):
+        entry = {
+            "a": (a.get(which) or {}).get("capacity"),
+            "b": (b.get(which) or {}).get("capacity"),
+        }
+        if draws is not None:
+            ca, cb = (_bootstrapped(r, which, sampled, draws) for r in (a, b))
+            entry.update(
+                _compare_draws(ca, cb),
+                method=f"paired percentile bootstrap over seeds ({replicates} replicates): "
+                "the same resampled seeds for both runs; log2_ratio_interval: of a's capacity "
+                "over b's (null: beyond a sweep)",
+            )
+        out[which] = entry
+    return out
 
 
 def verdict(name_a: str, name_b: str, diff: dict[str, Any], a: dict, b: dict) -> dict[str, Any]:
@@ -147,15 +173,26 @@ def verdict(name_a: str, name_b: str, diff: dict[str, Any], a: dict, b: dict) ->
     if separated:
         below = sum(e["mean"] < 0 for e in separated)
         closer = name_a if below * 2 > len(separated) else name_b
+    flat = diff.get("saturation", {})
+    flattens_first = None
+    if flat.get("a_smaller_share", 0.0) >= _LEVEL:
+        flattens_first = name_a
+    elif flat.get("b_smaller_share", 0.0) >= _LEVEL:
+        flattens_first = name_b
     return {
         "smaller_generator": smaller,
         "closer_to_data": closer,
         "can_tell": can_tell,
         "separated_capacities": [e["capacity"] for e in separated],
-        "critical": {name_a: _crit(a), name_b: _crit(b)},
+        "critical": {name_a: _crit(a, "critical_capacity"), name_b: _crit(b, "critical_capacity")},
+        "flattens_first": flattens_first,
+        "saturation": {name_a: _crit(a, "saturation"), name_b: _crit(b, "saturation")},
     }
 
 
-def _crit(report: dict) -> dict[str, Any]:
-    c = report["critical_capacity"]
-    return {"capacity": c["capacity"], "interval": c.get("interval")}
+def _crit(report: dict, which: str) -> dict[str, Any]:
+    c = report.get(which) or {}
+    out = {"capacity": c.get("capacity"), "interval": c.get("interval")}
+    if "excess" in c:
+        out["excess"] = c["excess"]
+    return out

@@ -174,13 +174,15 @@ def evaluate_seeds(
     progress: bool,
     checkpoints: Checkpoints | None = None,
     tag: str = "",
+    previous: list[tuple | None] | None = None,
 ) -> dict[int | None, dict[str, Any]]:
     """Held-out distances per capacity and seed: each fit's own, and the chosen bound.
     ``checkpoints``: each capacity's records are kept in slot ``evaluate-c{cap}{tag}`` once
-    done, and read back instead of recomputed when it holds them."""
+    done, and read back instead of recomputed when it holds them. ``previous``: each seed's
+    choice at the capacity below ``caps`` (a sweep extended after it was evaluated)."""
     fits = list(fitted)
     out: dict[int | None, dict[str, Any]] = {}
-    chosen: list[tuple | None] = [None] * len(seeds)
+    chosen: list[tuple | None] = list(previous) if previous else [None] * len(seeds)
     bar = tqdm(
         total=len(caps) * len(seeds),
         desc=f"evaluate {cfg.metric}",
@@ -266,14 +268,21 @@ def _evaluate_slots(
     slots: list[int],
     progress: bool,
     checkpoints: Checkpoints | None = None,
+    kept_judges: dict[int, tuple] | None = None,
+    previous: list[tuple | None] | None = None,
 ) -> tuple | None:
     """Judges, floors and ``evaluate_seeds`` for the seed slots ``slots`` (one rank's share):
-    (the first seed's kernel description, floors, curve data), or None without slots."""
+    (the first seed's kernel description, floors, curve data), or None without slots.
+    ``kept_judges``: each slot's judges, made once (filled here) and reused when the sweep is
+    extended; ``previous``: every slot's choice at the capacity below ``caps``."""
     if not slots:
         return None
+    kept_judges = {} if kept_judges is None else kept_judges
     judges, floors = [], []
     for i in slots:
-        judge, floor_value, val_judge = make_judges(cfg, splits[i], x_all, shapes[1], seeds[i])
+        if i not in kept_judges:
+            kept_judges[i] = make_judges(cfg, splits[i], x_all, shapes[1], seeds[i])
+        judge, floor_value, val_judge = kept_judges[i]
         judges.append((judge, val_judge))
         floors.append(floor_value)
     view = fitted if len(slots) == len(seeds) else slot_view(fitted, slots)
@@ -290,6 +299,7 @@ def _evaluate_slots(
         progress,
         checkpoints,
         "" if len(slots) == len(seeds) else "-seeds" + "-".join(map(str, slots)),
+        None if previous is None else [previous[i] for i in slots],
     )
     return judges[0][0].kernel, floors, curve
 
@@ -305,17 +315,27 @@ def evaluate_sweep(
     shapes: Shapes,
     progress: bool,
     checkpoints: Checkpoints | None = None,
+    kept_judges: dict[int, tuple] | None = None,
+    below: dict[str, Any] | None = None,
 ) -> tuple[Any, list[float], dict, list[list[int]]]:
     """Judges, floors and ``evaluate_seeds`` per seed, the seeds split across the ranks of an
-    active group: (the first seed's kernel description, floors, curve data, each rank's seeds)."""
+    active group: (the first seed's kernel description, floors, curve data, each rank's seeds).
+    An extension of an evaluated sweep passes the same ``kept_judges`` (each rank keeps its
+    seeds') and ``below``, the curve data of the capacity under ``caps``, whose choices are
+    every seed's nested candidate."""
     group = parallel.current()
     world, rank = (1, 0) if group is None else (group.world_size, group.rank)
     blocks = parallel.split_contiguous([1.0] * len(seeds), world)
     args = (cfg, caps, seeds, splits, z_all, x_all, fitted, shapes, blocks[rank])
+    previous = None
+    if below is not None:  # validation values are recomputed from the generator (None)
+        rows = zip(below["chosen"], below["generators"], below["distance"], strict=True)
+        previous = [(label, g, d, None) for label, g, d in rows]
+    more = (checkpoints, kept_judges, previous)
     if group is None:
-        parts = [_evaluate_slots(*args, progress, checkpoints)]
+        parts = [_evaluate_slots(*args, progress, *more)]
     else:
-        parts = group.gather(lambda: _evaluate_slots(*args, progress and rank == 0, checkpoints))
+        parts = group.gather(lambda: _evaluate_slots(*args, progress and rank == 0, *more))
         parts = [p for p in parts if p is not None]
     kernel = parts[0][0]
     floors = [v for p in parts for v in p[1]]

@@ -63,10 +63,11 @@ def fit_all(
     device: torch.device,
     progress: bool,
     checkpoints: Checkpoints | None = None,
+    tag: str = "",
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
     """Every fit of the sweep, the paired one first when it runs (it starts the others):
     ({fit: fitted sweep}, the paired start or None). ``checkpoints``: where each fitting
-    loop keeps its state, to resume from (``fit.fit_ensemble``)."""
+    loop keeps its state, to resume from (``fit.fit_ensemble``), in slots named with ``tag``."""
     # the mmd fit's kernel width, from fitting rows (1.0 is unused by the other fits)
     bandwidth = median_bandwidth(x_all[splits[0].train_x[:2000]]) if "mmd" in fits else 1.0
     rows = (  # on the fitting device once, for every fit
@@ -92,6 +93,7 @@ def fit_all(
             progress,
             start=paired_start["start"] if paired_start and f != "paired" else None,
             checkpoints=checkpoints,
+            tag=f + tag,
         )
     return fitted, paired_start
 
@@ -109,14 +111,17 @@ def fit_sweep(
     progress: bool,
     start: dict[str, Any] | None = None,
     checkpoints: Checkpoints | None = None,
+    tag: str | None = None,
 ) -> dict[str, Any]:
     """``fit_members`` with its members split across the ranks of an active group
     (``sharding``); the same dictionary, with every member, on every rank. ``start``: a fitted
-    sweep (gathered, so every rank has every member) whose members start these."""
+    sweep (gathered, so every rank has every member) whose members start these. ``tag``: the
+    name of its checkpoint slots (default: the fit's)."""
+    tag = tag or fit
     args = (fit, cfg, caps, seeds, rows, latent_shape, data_shape, device, bandwidth)
     group = parallel.current()
     if group is None:
-        return fit_members(*args, progress, start=start, checkpoints=checkpoints, tag=fit)
+        return fit_members(*args, progress, start=start, checkpoints=checkpoints, tag=tag)
     plan = sharding.plan_members(cfg, caps, len(seeds), group.world_size, latent_shape, data_shape)
     mine = plan[group.rank]
 
@@ -125,7 +130,7 @@ def fit_sweep(
             return {"members": {}, "linear": {}}
         res = fit_members(
             *args, progress and group.is_main, start=start, members=mine,
-            checkpoints=checkpoints, tag=f"{fit}-rank{group.rank}",
+            checkpoints=checkpoints, tag=f"{tag}-rank{group.rank}",
         )  # fmt: skip
         ens, index = res["ensemble"], res["index"]
         return {

@@ -69,6 +69,7 @@ def compare_frame(report: dict[str, Any]) -> pd.DataFrame:
             row[f"{label}_lo"], row[f"{label}_hi"] = ci
         row["floor"] = m["floor"]["mean"]
         row["critical_capacity"] = m["critical_capacity"]["capacity"]
+        row["saturation_capacity"] = (m.get("saturation") or {}).get("capacity")
         for key, _ in GEN_COLUMNS:
             row[key] = g[key]["mean"]
             ci = g[key]["ci"] or [None, None]
@@ -110,11 +111,15 @@ def diagnostic_values(diag: dict[str, Any]) -> dict[str, float | None]:
 
 def _table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     runs = report["runs"]
-    caps = [e["capacity"] for e in runs[0]["measure"]["curve"]] if runs else []
+    # default sweeps extend as far as each run's curve needs: every capacity any run measured
+    caps = sorted(
+        {e["capacity"] for r in runs for e in r["measure"]["curve"]},
+        key=lambda c: -1 if c is None else c,
+    )
     metric = runs[0]["measure"]["metric"] if runs else "d"
     header = ["run", "mode", "enc/dec params", "recon MSE", "PSNR (dB)"]
     header += [f"{metric} c={c}" if c is not None else f"{metric} (linear)" for c in caps]
-    header += ["floor", "critical c"] + [label for _, label in HEADLINE_GEN]
+    header += ["floor", "critical c", "flattens at c"] + [label for _, label in HEADLINE_GEN]
     probe = any(r.get("probe") for r in runs)
     if probe:
         header += ["probe FD"]
@@ -134,6 +139,7 @@ def _table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         row += [
             _pm(m["floor"]["mean"], m["floor"]["ci"]),
             crit,
+            _critical_text(m["saturation"]) if m.get("saturation") else "-",
         ]
         row += [_pm(g[key]["mean"], g[key]["ci"], "{:.3g}") for key, _ in HEADLINE_GEN]
         if probe:
@@ -151,10 +157,30 @@ def _critical_text(c: dict[str, Any]) -> str:
     """'4 [2, 8]': the critical capacity and its bootstrap interval over seeds ('none' when no
     capacity of the sweep reaches the floor)."""
     interval = c.get("interval")
-    text = _cap_text(c["capacity"])
+    text = _cap_text(c.get("capacity"))
     if interval:
         text += f" [{_cap_text(interval[0])}, {_cap_text(interval[1])}]"
     return text
+
+
+def _flattening_text(a: str, b: str, runs: dict, v: dict) -> str:
+    """Where each run's curve flattens (saturation capacity with its interval, and how far
+    above the floor it stays), and whether the paired bootstrap orders them."""
+    parts = []
+    for name in (a, b):
+        flat = runs[name].get("saturation") or {}
+        text = f"{name} {_critical_text(flat)}" if flat else f"{name} -"
+        if flat.get("excess"):
+            ex = flat["excess"]
+            text += f" at {ex['mean']:.3g} above the floor"
+        parts.append(text)
+    first = v.get("flattens_first")
+    tail = (
+        f"{first} flattens at the smaller capacity"
+        if first
+        else "the bootstrap does not order where they flatten"
+    )
+    return f"Curves flatten ('none': still falling at the sweep's end): {'; '.join(parts)}; {tail}."
 
 
 def verdict_lines(report: dict[str, Any]) -> list[str]:
@@ -173,6 +199,7 @@ def verdict_lines(report: dict[str, Any]) -> list[str]:
         else:
             head = "the critical capacities cannot tell which needs the smaller generator"
         out.append(f"{a} vs {b}: {head} (critical capacity {crit}; sweep {sweep}).")
+        out.append("  " + _flattening_text(a, b, runs, v))
         sep = v["separated_capacities"]
         if sep:
             e = next(e for e in d["curve"] if e["capacity"] == sep[0])

@@ -64,6 +64,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"critical capacity (distance <= {crit['epsilon']:.4g}, {crit['epsilon_source']}): "
         f"{crit['capacity'] if crit['capacity'] is not None else 'none in the sweep'}"
         + _interval_text(crit.get("interval")),
+        saturation_line(report),
     ]
     choice = report.get("generator_choice", "")
     if choice and not choice.endswith("given"):
@@ -129,6 +130,31 @@ def save_measure(report: dict[str, Any], out_dir: str | Path) -> None:
     save_json(out / "measure.json", report)
     save_text(out / "curve.csv", curve_frame(report).to_csv(index=False))
     plot_measure(report, out / "curve.png")
+
+
+def saturation_line(report: dict[str, Any]) -> str:
+    """Where the curve flattens (``estimator.saturation``), and how the sweep was extended."""
+    flat = report.get("saturation") or {}
+    sweep = report.get("sweep") or {}
+    added = sweep.get("added") or []
+    extended = (
+        f"sweep extended by {', '.join(map(str, added))} ({sweep['stopped']})"
+        if added
+        else f"sweep not extended ({sweep['stopped']})"
+        if sweep
+        else ""
+    )
+    if flat.get("capacity") is None:
+        text = "the curve has not flattened within the sweep"
+    else:
+        ex = flat["excess"]
+        text = (
+            f"the curve flattens at capacity {flat['capacity']}"
+            + _interval_text(flat.get("interval"))
+            + f"; there distance - floor = {ex['mean']:.4g}"
+            + (f" [{ex['ci'][0]:.4g}, {ex['ci'][1]:.4g}]" if ex["ci"] else "")
+        )
+    return text + (f"; {extended}" if extended else "")
 
 
 def _interval_text(interval: list | None) -> str:
