@@ -41,21 +41,21 @@ SATURATION_MEANING = (
 )
 
 
-def _above_end(values: np.ndarray, sampled: float) -> np.ndarray:
-    """``values``: (K, ..., n) per-seed distances of K capacities; (K, ...) booleans: the
-    paired 95 % interval of D_k - D_{K-1} over the n seeds lies above 0."""
+def _half_width(values: np.ndarray, sampled: float) -> np.ndarray:
+    """``values``: (K, n) per-seed distances; (K,) the paired 95 % half-width of D_k - D_{K-1}
+    over the n seeds (``stats.mean_ci``'s, widened for the rows each seed evaluates)."""
     diff = values - values[-1:]
     n = values.shape[-1]
-    mean = diff.mean(-1)
-    sd = diff.std(-1, ddof=1)
-    half = stats.t.ppf((1 + _LEVEL) / 2, n - 1) * sd * np.sqrt(1 / n + sampled / (1 - sampled))
-    return mean - half > 0
+    scale = np.sqrt(1 / n + sampled / (1 - sampled))
+    return stats.t.ppf((1 + _LEVEL) / 2, n - 1) * diff.std(-1, ddof=1) * scale
 
 
-def _saturation_index(values: np.ndarray, sampled: float) -> np.ndarray:
-    """Per column of ``values`` (K, ..., n): the index of the saturation capacity, or K when
-    the sweep does not confirm one (the largest capacity is the first on the plateau)."""
-    above = _above_end(values, sampled)  # (K, ...)
+def _saturation_index(means: np.ndarray, half: np.ndarray) -> np.ndarray:
+    """Per column of ``means`` (K, ...): the index of the saturation capacity, or K when the
+    sweep does not confirm one (the largest capacity is the first on the plateau). A capacity
+    lies above the plateau when its mean exceeds the largest capacity's by more than ``half``
+    (K,), its paired half-width."""
+    above = (means - means[-1:]) > half.reshape((-1,) + (1,) * (means.ndim - 1))
     k = above.shape[0]
     last_above = np.where(above.any(0), k - 1 - np.argmax(above[::-1], axis=0), -1)
     first = last_above + 1
@@ -68,8 +68,11 @@ def _per_seed(curve: list[dict]) -> np.ndarray:
 
 def saturation_indices(curve: list[dict], sampled: float, draws: np.ndarray) -> np.ndarray:
     """Per bootstrap draw (rows of seed indices), the index of the saturation capacity in
-    ``curve`` (len(curve): not confirmed within the sweep)."""
-    return _saturation_index(_per_seed(curve)[:, draws], sampled)
+    ``curve`` (len(curve): not confirmed within the sweep). Each draw resamples the means;
+    what counts as a measurable gain stays the half-width from all seeds, as the critical
+    capacity's bootstrap holds epsilon fixed (a draw repeating one seed has no spread)."""
+    values = _per_seed(curve)
+    return _saturation_index(values[:, draws].mean(-1), _half_width(values, sampled))
 
 
 def saturation(
@@ -84,7 +87,7 @@ def saturation(
     if n < 2 or len(caps) < 2:
         out.update(interval=None, why="needs two seeds and two capacities")
         return out
-    s = int(_saturation_index(values, sampled))
+    s = int(_saturation_index(values.mean(-1), _half_width(values, sampled)))
     if s < len(caps):
         out.update(
             capacity=caps[s],
@@ -101,8 +104,8 @@ def saturation(
     out.update(
         interval=[caps[lo] if lo < len(caps) else None, caps[hi] if hi < len(caps) else None],
         share={labels[k]: round(float(v), 4) for k, v in enumerate(counts) if v > 0},
-        method=f"percentile bootstrap over seeds, {replicates} replicates; null: not confirmed "
-        "within the sweep",
+        method=f"percentile bootstrap over seeds, {replicates} replicates, each capacity's "
+        "paired half-width held fixed; null: not confirmed within the sweep",
     )
     return out
 
@@ -123,7 +126,8 @@ def next_capacity(
         return None, "one seed: no interval to judge the curve by, so no extension"
     if len(caps) >= 2 and all(e["distance"]["mean"] <= epsilon for e in curve[-2:]):
         return None, f"two consecutive capacities ({caps[-2]}, {last}) reach epsilon"
-    if len(caps) >= 2 and _saturation_index(values, sampled) < len(caps):
+    flat = _saturation_index(values.mean(-1), _half_width(values, sampled))
+    if len(caps) >= 2 and flat < len(caps):
         return None, "the curve has flattened"
     if last >= limit:
         return None, f"the limit {limit} is reached"
