@@ -37,7 +37,7 @@ DEMO_TRAIN = dict(
 )
 DEMO_MEASURE = MeasureConfig(
     generator="mlp", capacities=(1, 4, 16, 64), depth=2, metric="mmd", fit="mmd", seeds=3,
-    n_eval=500, steps=200, batch_size=256,
+    n_eval=500, steps=200, batch_size=256, max_capacity=256,
 )  # fmt: skip
 
 
