@@ -30,6 +30,7 @@ __all__ = [
     "DEGRADATIONS",
     "ORDERS",
     "above_floor",
+    "paired_above",
     "degrade",
     "ladder_distances",
     "ladder_verdict",
@@ -46,6 +47,20 @@ ORDERS = (("blur1", "blur2"), ("kmeans100", "kmeans10", "mean image"), ("5 class
 def above_floor(d: Mapping, f: Mapping) -> bool:
     """True when summary ``d`` lies above summary ``f`` beyond both 95 % intervals."""
     return bool(d["ci"] and f["ci"] and d["ci"][0] > f["ci"][1])
+
+
+def paired_above(d: Mapping, f: Mapping, sampled: float) -> bool:
+    """True when summary ``d`` lies above ``f`` seed by seed: both were scored on the same
+    held-out rows, seeds and judges, and the 95 % interval of their per-seed differences
+    (``mean_ci``, widened for the fraction ``sampled`` of the rows each seed evaluates) lies
+    above 0. More powerful than ``above_floor`` where the reference sample's noise, shared by
+    both, dominates each interval."""
+    diff = mean_ci(np.subtract(d["per_seed"], f["per_seed"]).tolist(), sampled_fraction=sampled)
+    return bool(diff["ci"] and diff["ci"][0] > 0)
+
+
+def _sampled(report: Mapping) -> float:
+    return report["n_eval"] / report["data"]["rows"]
 
 
 def degrade(src: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
@@ -199,32 +214,41 @@ def planted_verdict(
 
     At every capacity >= ``min_capacity`` (those containing h) the planted latent's mean must be
     <= max(the floor's upper limit, 10 % of the first-4 latent's mean); at every capacity the
-    first-4 and first-2 latents must lie above the floor beyond both intervals.
+    first-4 and first-2 latents must lie above the floor, seed by seed (``paired_above``).
     """
     floor = reports["z* (8-d)"]["floor"]
+    sampled = _sampled(reports["z* (8-d)"])
+    names = ("z* (8-d)", "first 4", "first 2")
     fails = []
-    for i, entry in enumerate(reports["z* (8-d)"]["curve"]):
-        cap = entry["capacity"]
-        trunc4 = reports["first 4"]["curve"][i]["distance"]
+    for cap, d in _common_curve(reports, names):
         if cap is not None and cap >= min_capacity:
-            d = entry["distance"]["mean"]
-            tol = max(floor["ci"][1], 0.1 * trunc4["mean"])
-            if d > tol:
-                fails.append(f"z* at {cap}: {d:.3g} > {tol:.3g}")
+            tol = max(floor["ci"][1], 0.1 * d["first 4"]["mean"])
+            if d["z* (8-d)"]["mean"] > tol:
+                fails.append(f"z* at {cap}: {d['z* (8-d)']['mean']:.3g} > {tol:.3g}")
         for name in ("first 4", "first 2"):
-            if not above_floor(reports[name]["curve"][i]["distance"], floor):
+            if not paired_above(d[name], floor, sampled):
                 fails.append(f"{name} at {cap} not above the floor")
     return not fails, fails
 
 
+def _common_curve(reports: Mapping, names) -> list[tuple[Any, dict]]:
+    """(capacity, {name: distance}) at every capacity all of ``names`` measured (default sweeps
+    extend as far as each latent's curve needs)."""
+    by_cap = {k: {e["capacity"]: e["distance"] for e in reports[k]["curve"]} for k in names}
+    common = set.intersection(*(set(v) for v in by_cap.values()))
+    caps = sorted(common, key=lambda c: -1 if c is None else c)
+    return [(c, {k: by_cap[k][c] for k in names}) for c in caps]
+
+
 def nested_verdict(reports: Mapping[int, Mapping]) -> tuple[bool, list[str]]:
-    """Nested PCA latents {2, 8, 32} -> ``measure`` report: at every capacity
-    D(PCA-2) > D(PCA-8) beyond both intervals and PCA-32 not above PCA-8 beyond them."""
+    """Nested PCA latents {2, 8, 32} -> ``measure`` report: at every capacity all three
+    measured, D(PCA-2) > D(PCA-8) seed by seed (``paired_above``: the same rows, seeds and
+    judges) and PCA-32 not above PCA-8 seed by seed."""
     fails = []
-    for i, entry in enumerate(reports[2]["curve"]):
-        d = {k: reports[k]["curve"][i]["distance"] for k in (2, 8, 32)}
-        if not above_floor(d[2], d[8]):
-            fails.append(f"PCA-2 not above PCA-8 at {entry['capacity']}")
-        if above_floor(d[32], d[8]):
-            fails.append(f"PCA-32 above PCA-8 at {entry['capacity']}")
+    sampled = _sampled(reports[8])
+    for cap, d in _common_curve(reports, (2, 8, 32)):
+        if not paired_above(d[2], d[8], sampled):
+            fails.append(f"PCA-2 not above PCA-8 at {cap}")
+        if paired_above(d[32], d[8], sampled):
+            fails.append(f"PCA-32 above PCA-8 at {cap}")
     return not fails, fails
