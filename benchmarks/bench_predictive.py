@@ -3,7 +3,8 @@
 A zoo of encoders is trained with ``train-dae`` (DAE and joint; KL weights; latent channels;
 auxiliary-decoder width and dropout; seeds), each run goes through ``compare`` with one shared
 feature network (so FD values are comparable), and every signal that ``compare`` reports (D_c at
-each capacity, the critical capacity, each proxy at the largest capacity, latent geometry, each
+each capacity, the critical and saturation capacities, each proxy at the configured sweep's
+largest capacity, latent geometry, each
 diagnostic, reconstruction MSE, the Gaussian-mixture baseline's FD) is rank-correlated with the
 probe's FD across the zoo: Spearman's rho (``scipy.stats.spearmanr``) with a percentile
 bootstrap interval over encoders, and a scatter plot per signal.
@@ -149,10 +150,15 @@ def signals(run: dict) -> dict[str, float]:
         out[f"D_c c={e['capacity']}"] = e["distance"]["mean"]
     crit = m["critical_capacity"]["capacity"]
     out["critical capacity"] = math.inf if crit is None else float(crit)  # none: beyond the sweep
-    last = m["curve"][-1].get("proxies", {})
-    for k, v in last.items():
+    flat = m.get("saturation") or {}
+    cap = flat.get("capacity")
+    out["saturation capacity"] = math.inf if cap is None else float(cap)  # none: still falling
+    out["D at saturation - floor"] = flat["excess"]["mean"] if cap is not None else math.nan
+    # proxies at the configured sweep's end, which every encoder measured (extensions differ)
+    end = [e for e in m["curve"] if e["capacity"] in m["config"]["capacities"]][-1]
+    for k, v in end.get("proxies", {}).items():
         if isinstance(v, (int, float)) and k not in ("params", "n_points"):
-            out[f"{k} (c={m['curve'][-1]['capacity']})"] = float(v)
+            out[f"{k} (c={end['capacity']})"] = float(v)
     lat = m["latent"]
     for k in ("twonn", "mle"):
         v = (lat.get("intrinsic_dim") or {}).get(k)
@@ -269,6 +275,7 @@ def main() -> None:
     cfg = MeasureConfig(  # metric and fit: measure's defaults
         generator="mlp",
         capacities=(4, 16) if small else (4, 16, 64),
+        max_capacity=0 if small else 256,  # the default sweep's extension (saturation)
         seeds=2 if small else 3,
         n_eval=150 if small else 500,
         steps=60 if small else 200,

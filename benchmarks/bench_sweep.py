@@ -134,6 +134,7 @@ def main() -> None:
     )
     full = time.perf_counter() - t0
     t = result.report["timings"]
+    sweep = result.report["sweep"]
     body = (
         f"MNIST-5k, 32-d PCA latents, mlp capacities {list(caps)} x {seeds} seeds, "
         f"{steps} steps of batch 256 per member, device {device}; sequential = the 18 members "
@@ -156,7 +157,10 @@ def main() -> None:
         f"784 dimensions allows, or a GPU.\n\n"
         f"Full default `measure` sweep{' (small: ' + str(steps) + ' steps)' if args.small else ''}: "
         f"**{full:.1f} s** (fits {', '.join(result.report['fits'])}; goal <= 60 s; fit {t['fit_s']:.1f} s, evaluation {t['eval_s']:.1f} s, "
-        f"proxies {t['proxies_s']:.1f} s, geometry {t['geometry_s']:.1f} s).\n"
+        f"proxies {t['proxies_s']:.1f} s, geometry {t['geometry_s']:.1f} s). Capacities measured: "
+        f"{sweep['capacities']} ({result.report['config']['steps']} steps; extension added "
+        f"{sweep['added'] or 'none'}: {sweep['stopped']}); the curve flattens at "
+        f"{result.report['saturation']['capacity']}.\n"
     )
     path = write_result(
         "sweep" + ("_small" if args.small else "") + f"_{device.type}",
