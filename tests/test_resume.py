@@ -50,14 +50,24 @@ def _interrupted(monkeypatch, after: int):
     return saves
 
 
+# a sweep that extends itself (1, 2 -> 4 -> 8 on these rows), stopped inside the last extension
+EXTENDED = {"capacities": (1, 2), "seeds": 3, "max_capacity": 8}
+
+
 @pytest.mark.parametrize(
-    ("fit", "metric", "after"),
-    [("mmd", "mmd", 5), ("mmd", "mmd", 30), ("adversarial", "mmd", 9), ("ot", "w2", 40)],
+    ("fit", "metric", "after", "more"),
+    [
+        ("mmd", "mmd", 5, {}),
+        ("mmd", "mmd", 30, {}),
+        ("adversarial", "mmd", 9, {}),
+        ("ot", "w2", 40, {}),
+        ("mmd", "mmd", 140, EXTENDED),
+    ],
 )
 def test_an_interrupted_measure_resumes_to_the_same_result(rows, tmp_path, monkeypatch, fit,
-                                                           metric, after):  # fmt: skip
+                                                           metric, after, more):  # fmt: skip
     z, x = rows
-    settings = {**SMALL, "fit": fit, "metric": metric}
+    settings = {**SMALL, "fit": fit, "metric": metric, **more}
     whole = _stable(measure(z, x, **settings).report)
     folder = tmp_path / "checkpoint"
     with monkeypatch.context() as m:
@@ -66,6 +76,9 @@ def test_an_interrupted_measure_resumes_to_the_same_result(rows, tmp_path, monke
             measure(z, x, checkpoint=folder, checkpoint_every=0, **settings)
     kept = sorted(p.name for p in folder.iterdir())
     assert "fingerprint.json" in kept and len(kept) > 1, kept
+    if more:  # stopped inside the extension's fits, after the sweep below was evaluated
+        assert "fit-mmd-c8.pt" in kept and "evaluate-c4.pt" in kept, kept
+        assert whole["sweep"]["added"] == [4, 8]
     resumed = measure(z, x, checkpoint=folder, checkpoint_every=0, **settings)
     assert _stable(resumed.report) == whole  # bitwise: floats compared exactly
 
