@@ -63,10 +63,12 @@ from latentdist.evaluation.distance import sample_distances  # noqa: E402
 from latentdist.evaluation.validity import (  # noqa: E402
     DEGRADATIONS,
     above_floor,
+    common_curve,
     coupling_warp,
     ladder_distances,
     ladder_verdict,
     nested_verdict,
+    paired_above,
     planted_latent,
     planted_verdict,
 )
@@ -259,11 +261,25 @@ def v2(small: bool, cols: list[Column], seeds: int | None) -> tuple[str, dict]:
 # ---------------------------------------------------------------- V3 planted latent
 
 
+def _flat(report: dict) -> str:
+    """'64 [64, 128], 3e-4 above the floor': where the curve flattens (estimator.saturation)."""
+    flat = report.get("saturation")
+    if flat is None:
+        return "-"
+    if flat.get("capacity") is None:
+        return "still falling at " + str(report["curve"][-1]["capacity"])
+    lo, hi = ("none" if c is None else str(c) for c in flat["interval"])
+    return f"{flat['capacity']} [{lo}, {hi}], {flat['excess']['mean']:.2g} above the floor"
+
+
 def _view(report: dict, key: str | None) -> dict:
     """A measure report reduced to one value per capacity: the reported (selected) distance
     when ``key`` is None, else ``by_fit[key]`` (one fit's own generator)."""
     return {
         "floor": report["floor"],
+        "n_eval": report["n_eval"],
+        "data": report["data"],
+        "saturation": report.get("saturation") if key is None else None,
         "curve": [
             {
                 "capacity": e["capacity"],
@@ -290,7 +306,8 @@ def v3(small: bool, fits: list[str], capacities: tuple, steps: int | None) -> tu
         reports = {}
         for name, z in data.items():
             reports[name] = ld.measure(
-                z, x, generator="mlp", capacities=capacities, seeds=2 if small else 3,
+                z, x, generator="mlp", seeds=2 if small else 3,
+                **({"capacities": capacities} if capacities else {}),
                 n_eval=n_eval, proxies=False, progress=False,
                 **({"steps": steps} if steps else {}), **settings,
             ).report  # fmt: skip
@@ -304,13 +321,12 @@ def v3(small: bool, fits: list[str], capacities: tuple, steps: int | None) -> tu
         elapsed = time.perf_counter() - t0
         for key, title in views:
             vr = {name: _view(r, key) for name, r in reports.items()}
-            table = []
-            for i, cap in enumerate(capacities):
-                row = {"capacity": cap}
-                for name, r in vr.items():
-                    row[name] = cell(r["curve"][i]["distance"])
-                table.append(row)
+            table = [
+                {"capacity": cap, **{name: cell(d[name]) for name in vr}}
+                for cap, d in common_curve(vr, list(vr))
+            ]
             table.append({"capacity": "floor", **{k: cell(r["floor"]) for k, r in vr.items()}})
+            table.append({"capacity": "flattens at", **{k: _flat(r) for k, r in vr.items()}})
             if key is None and run == "default":
                 table.append(
                     {
@@ -333,9 +349,10 @@ def v3(small: bool, fits: list[str], capacities: tuple, steps: int | None) -> tu
     text = (
         "## V3 planted latent\n\nx = h(z*) + 0.05 noise, h a fixed random ReLU MLP 8 -> 32 -> "
         f"784 (scaled to mean -0.5, sd 0.4), {len(x)} rows; MLP generators (depth 2, so width "
-        ">= 32 contains h). Pass: z* at every width >= 32 within max(floor's upper limit, 10 % "
-        "of the first-4 distance), and first-2 and first-4 above the floor beyond both "
-        "intervals at every width. The 'chosen' row names, per seed, the generator the default "
+        ">= 32 contains h); the default sweep, extended per latent (rows: the capacities every "
+        "latent measured). Pass: z* at every width >= 32 within max(floor's upper limit, 10 % "
+        "of the first-4 distance), and first-2 and first-4 above the floor at every width, "
+        "seed by seed (the paired interval of distance - floor lies above 0). The 'chosen' row names, per seed, the generator the default "
         "reported at the largest width. In the default run the paired fit runs first and the "
         "mmd fit starts from it ('mmd alone, inside the default run'); 'fit=..., selection off' "
         "is that fit from its own initialisation, with no warm start and no paired fit: the "
@@ -365,12 +382,11 @@ def v4(small: bool, capacities: tuple | None, steps: int | None) -> tuple[str, d
             **({"steps": steps} if steps else {}),
         ).report  # fmt: skip
     r2 = reports[2]
-    caps = [e["capacity"] for e in r2["curve"]]
+    sampled = r2["n_eval"] / r2["data"]["rows"]
     table = []
-    for i, cap in enumerate(caps):
-        d = {k: reports[k]["curve"][i]["distance"] for k in reports}
-        a = above_floor(d[2], d[8])
-        b = not above_floor(d[32], d[8])
+    for cap, d in common_curve(reports, (2, 8, 32)):
+        a = paired_above(d[2], d[8], sampled)
+        b = not paired_above(d[32], d[8], sampled)
         table.append(
             {
                 "capacity": cap,
@@ -392,8 +408,11 @@ def v4(small: bool, capacities: tuple | None, steps: int | None) -> tuple[str, d
         f"## V4 nested latents (MNIST-5k{', 2000 rows' if small else ''})\n\n"
         f"PCA-2, PCA-8, PCA-32 (sklearn PCA of the flattened images), metric={r2['metric']}, "
         f"fit={r2['fit']} (the defaults), {r2['config']['steps']} steps, n_eval {r2['n_eval']}, "
-        f"3 seeds. PCA-2 > PCA-8: beyond both intervals; PCA-8 >= PCA-32: PCA-32 not above "
-        f"PCA-8 beyond them. {'PASS' if ok else 'FAIL: ' + '; '.join(fails)} "
+        f"3 seeds, the default sweep (extended per latent; rows: the capacities all three "
+        f"measured); saturation (where each curve flattens): "
+        + ", ".join(f"PCA-{k} {_flat(reports[k])}" for k in (2, 8, 32))
+        + ". PCA-2 > PCA-8: the paired (per seed) interval of the difference lies above 0; "
+        f"PCA-8 >= PCA-32: PCA-32 not above PCA-8 so. {'PASS' if ok else 'FAIL: ' + '; '.join(fails)} "
         f"({time.perf_counter() - t0:.0f} s)\n\n" + markdown_table(table) + "\n"
     )
     return text, {"default": (ok, fails)}
@@ -764,15 +783,27 @@ def v8(small: bool, steps: int | None) -> tuple[str, bool]:
         settings["steps"] = steps
     plain = ld.measure(z, x, **settings).report
     warped = ld.measure(coupling_warp(z), x, **settings).report
-    diff = paired_difference(warped, plain)["curve"]
+    paired = paired_difference(warped, plain)
+    diff = paired["curve"]
     peak = max(diff, key=lambda e: e["mean"])
     ok = any(e["ci"] and e["ci"][0] > 0 for e in diff[: max(1, len(diff) // 2)])
     ok = ok and diff[-1]["mean"] < peak["mean"]
+    by_cap = {
+        k: {e["capacity"]: e["distance"] for e in r["curve"]}
+        for k, r in (("plain", plain), ("warped", warped))
+    }
     rows = [
-        [str(e["capacity"]), f"{a['distance']['mean']:.4g}", f"{b['distance']['mean']:.4g}",
+        [str(e["capacity"]), f"{by_cap['plain'][e['capacity']]['mean']:.4g}",
+         f"{by_cap['warped'][e['capacity']]['mean']:.4g}",
          f"{e['mean']:.4g} [{e['ci'][0]:.3g}, {e['ci'][1]:.3g}]"]
-        for e, a, b in zip(diff, plain["curve"], warped["curve"], strict=True)
+        for e in diff
     ]  # fmt: skip
+    flat = paired["saturation"]
+    flat_text = (
+        f"Where the curves flatten: plain {_flat(plain)}, warped {_flat(warped)}; the paired "
+        f"bootstrap puts warped's later in {100 * flat.get('b_smaller_share', 0):.0f} % of the "
+        "resamples."
+    )
     text = (
         "## V8 same information, different complexity (PCA-8 vs warped PCA-8, MNIST-5k)\n\n"
         f"generator {plain['generator']}, {plain['config']['steps']} steps, 3 seeds, n_eval "
@@ -780,7 +811,7 @@ def v8(small: bool, steps: int | None) -> tuple[str, bool]:
         f"{'PASS' if ok else 'FAIL'}: warped above plain beyond the paired interval at small "
         f"capacity; gap at the largest capacity {diff[-1]['mean']:.3g} vs its peak "
         f"{peak['mean']:.3g} at c = {peak['capacity']} "
-        f"({100 * (1 - diff[-1]['mean'] / peak['mean']):.0f} % smaller).\n\n"
+        f"({100 * (1 - diff[-1]['mean'] / peak['mean']):.0f} % smaller). {flat_text}\n\n"
         + markdown_table([dict(zip(V8_COLUMNS, r, strict=True)) for r in rows])
     )
     return text, ok
@@ -852,7 +883,7 @@ def main() -> None:
         fits = list(FITS) if not args.small else []
         if args.fits:
             fits = args.fits.split(",")
-        caps = (8, 32) if args.small else (8, 32, 64)
+        caps = (8, 32) if args.small else None  # None: the default sweep
         text, verdicts = v3(args.small, fits, caps, args.steps)
         add(
             "V3",

@@ -30,6 +30,7 @@ __all__ = [
     "DEGRADATIONS",
     "ORDERS",
     "above_floor",
+    "common_curve",
     "paired_above",
     "degrade",
     "ladder_distances",
@@ -220,7 +221,7 @@ def planted_verdict(
     sampled = _sampled(reports["z* (8-d)"])
     names = ("z* (8-d)", "first 4", "first 2")
     fails = []
-    for cap, d in _common_curve(reports, names):
+    for cap, d in common_curve(reports, names):
         if cap is not None and cap >= min_capacity:
             tol = max(floor["ci"][1], 0.1 * d["first 4"]["mean"])
             if d["z* (8-d)"]["mean"] > tol:
@@ -231,7 +232,7 @@ def planted_verdict(
     return not fails, fails
 
 
-def _common_curve(reports: Mapping, names) -> list[tuple[Any, dict]]:
+def common_curve(reports: Mapping, names) -> list[tuple[Any, dict]]:
     """(capacity, {name: distance}) at every capacity all of ``names`` measured (default sweeps
     extend as far as each latent's curve needs)."""
     by_cap = {k: {e["capacity"]: e["distance"] for e in reports[k]["curve"]} for k in names}
@@ -246,7 +247,7 @@ def nested_verdict(reports: Mapping[int, Mapping]) -> tuple[bool, list[str]]:
     judges) and PCA-32 not above PCA-8 seed by seed."""
     fails = []
     sampled = _sampled(reports[8])
-    for cap, d in _common_curve(reports, (2, 8, 32)):
+    for cap, d in common_curve(reports, (2, 8, 32)):
         if not paired_above(d[2], d[8], sampled):
             fails.append(f"PCA-2 not above PCA-8 at {cap}")
         if paired_above(d[32], d[8], sampled):
