@@ -837,7 +837,11 @@ def main() -> None:
     )
     ap.add_argument("--critic", action="store_true", help="include the critic column on CPU "
                     "(minutes per critic on 2 cores; included by default with a GPU)")  # fmt: skip
-    ap.add_argument("--fits", default=None, help="V3 fits (comma-separated; default: all)")
+    ap.add_argument(
+        "--fits",
+        default=None,
+        help="V3 fits run alone, selection off (comma-separated; default: all; '' for none)",
+    )
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
@@ -881,8 +885,8 @@ def main() -> None:
     if "V3" in only:
         t0 = time.perf_counter()
         fits = list(FITS) if not args.small else []
-        if args.fits:
-            fits = args.fits.split(",")
+        if args.fits is not None:  # "" : the default run alone
+            fits = [f for f in args.fits.split(",") if f]
         caps = (8, 32) if args.small else None  # None: the default sweep
         text, verdicts = v3(args.small, fits, caps, args.steps)
         add(
