@@ -45,8 +45,9 @@ def images(tmp_path_factory):
     return root
 
 
+# the sweep 4 extends itself to 8 (one capacity cannot show a plateau): torchrun's extension too
 FLAGS = [
-    "--generator", "mlp", "--capacities", "4,8", "--seeds", "3", "--steps", "20",
+    "--generator", "mlp", "--capacities", "4", "--max-capacity", "8", "--seeds", "3", "--steps", "20",
     "--batch-size", "32", "--n-eval", "24", "--threads", "1", "--no-progress",
     "--encode-batch-size", str(ENCODE_BATCH), "--device", "cpu",
 ]  # fmt: skip
@@ -74,6 +75,7 @@ def test_two_gloo_processes_equal_one_process(images, capsys):
     one = json.loads((root / "one" / "measure.json").read_text())
     two = json.loads((root / "two" / "measure.json").read_text())
     assert _strip(two) == _strip(one)  # bitwise: floats compared exactly
+    assert two["sweep"]["added"] == [8]
     d = two["distributed"]
     assert (d["world_size"], d["backend"]) == (2, "gloo")
     assert one["distributed"] == {
