@@ -36,7 +36,9 @@ def main() -> None:
                 train_demo_run(mode, out, name, steps, True, "cpu", False)
             cfg = DEMO_MEASURE
             if args.small:
-                cfg = type(cfg)(**{**cfg.__dict__, "steps": 60, "capacities": (8, 32)})
+                cfg = type(cfg)(
+                    **{**cfg.__dict__, "steps": 60, "capacities": (8, 32), "max_capacity": 0}
+                )
             result = compare(
                 [out / "dae", out / "joint"],
                 name,
