@@ -138,7 +138,15 @@ def test_max_capacity_is_validated_once_at_the_edge(tmp_path, capsys):
     from tests._cli import run_cli
 
     np.save(tmp_path / "z.npy", np.zeros((20, 2), np.float32))
-    args = ["measure", "--latents", str(tmp_path / "z.npy"), "--data", "digits", "--max-capacity", "-1"]
+    args = [
+        "measure",
+        "--latents",
+        str(tmp_path / "z.npy"),
+        "--data",
+        "digits",
+        "--max-capacity",
+        "-1",
+    ]
     code, _, err = run_cli(args + ["--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "--max-capacity -1: expected an integer >= 0" in err
     assert len(err.strip().splitlines()) == 1
