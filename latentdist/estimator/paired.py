@@ -18,7 +18,7 @@ import numpy as np
 
 from latentdist.errors import UsageError
 from latentdist.estimator.saturation import saturation_indices
-from latentdist.estimator.stats import mean_ci
+from latentdist.estimator.stats import bootstrap_draws, mean_ci
 
 BOOTSTRAP_REPLICATES = 2000
 _LEVEL = 0.95
@@ -38,10 +38,6 @@ def _critical_indices(curve: list[dict], epsilon: float, draws: np.ndarray) -> n
     return first
 
 
-def _draws(n_seeds: int, replicates: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, n_seeds, (replicates, n_seeds))
-
-
 def _quantile_index(indices: np.ndarray, q: float) -> int:
     return int(np.quantile(indices, q, method="inverted_cdf"))
 
@@ -56,7 +52,7 @@ def critical_interval(
     if n_seeds < 2:
         return {"interval": None, "method": "one seed: no bootstrap", "share": None}
     caps = _capacities(curve)
-    first = _critical_indices(curve, epsilon, _draws(n_seeds, replicates, seed))
+    first = _critical_indices(curve, epsilon, bootstrap_draws(n_seeds, replicates, seed))
     label = [str(c) for c in caps] + ["none"]
     lo, hi = (_quantile_index(first, q) for q in ((1 - _LEVEL) / 2, (1 + _LEVEL) / 2))
     counts = np.bincount(first, minlength=len(caps) + 1) / replicates
@@ -139,7 +135,7 @@ def paired_difference(
         diff = np.subtract(ea["distance"]["per_seed"], eb["distance"]["per_seed"]).tolist()
         curve.append({"capacity": ea["capacity"], **mean_ci(diff, sampled_fraction=sampled)})
     out: dict[str, Any] = {"curve": curve}
-    draws = _draws(len(a["seeds"]), replicates, seed) if len(a["seeds"]) >= 2 else None
+    draws = bootstrap_draws(len(a["seeds"]), replicates, seed) if len(a["seeds"]) >= 2 else None
     for which in ("critical_capacity", "saturation"):
         entry = {
             "a": (a.get(which) or {}).get("capacity"),

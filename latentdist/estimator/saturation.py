@@ -28,9 +28,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
-from latentdist.estimator.stats import mean_ci
+from latentdist.estimator.stats import bootstrap_draws, half_width, mean_ci
 
 _LEVEL = 0.95
 
@@ -44,10 +43,7 @@ SATURATION_MEANING = (
 def _half_width(values: np.ndarray, sampled: float) -> np.ndarray:
     """``values``: (K, n) per-seed distances; (K,) the paired 95 % half-width of D_k - D_{K-1}
     over the n seeds (``stats.mean_ci``'s, widened for the rows each seed evaluates)."""
-    diff = values - values[-1:]
-    n = values.shape[-1]
-    scale = np.sqrt(1 / n + sampled / (1 - sampled))
-    return stats.t.ppf((1 + _LEVEL) / 2, n - 1) * diff.std(-1, ddof=1) * scale
+    return half_width(values - values[-1:], _LEVEL, sampled)
 
 
 def _saturation_index(means: np.ndarray, half: np.ndarray) -> np.ndarray:
@@ -96,8 +92,7 @@ def saturation(
                 (values[s] - np.asarray(floor["per_seed"])).tolist(), sampled_fraction=sampled
             ),
         )
-    draws = np.random.default_rng(seed).integers(0, n, (replicates, n))
-    idx = saturation_indices(curve, sampled, draws)
+    idx = saturation_indices(curve, sampled, bootstrap_draws(n, replicates, seed))
     lo, hi = (int(np.quantile(idx, q, method="inverted_cdf")) for q in (0.025, 0.975))
     labels = [str(c) for c in caps] + ["none"]
     counts = np.bincount(idx, minlength=len(caps) + 1) / replicates

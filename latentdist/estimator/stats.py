@@ -29,8 +29,21 @@ def mean_ci(values: Sequence[float], level: float = 0.95, sampled_fraction: floa
     if len(v) < 2:
         ci = None
     else:
-        f = sampled_fraction
-        se = v.std(ddof=1) * np.sqrt(1.0 / len(v) + f / (1.0 - f))
-        half = float(stats.t.ppf((1 + level) / 2, len(v) - 1) * se)
+        half = float(half_width(v, level, sampled_fraction))
         ci = [mean - half, mean + half]
     return {"mean": mean, "ci": ci, "per_seed": [float(x) for x in v]}
+
+
+def half_width(values: np.ndarray, level: float = 0.95, sampled_fraction: float = 0.0):
+    """``mean_ci``'s half-width over the last axis of ``values`` (n >= 2 seeds):
+    t_{(1+level)/2, n-1} · s · √(1/n + f/(1-f))."""
+    n = values.shape[-1]
+    f = sampled_fraction
+    se = values.std(-1, ddof=1) * np.sqrt(1.0 / n + f / (1.0 - f))
+    return stats.t.ppf((1 + level) / 2, n - 1) * se
+
+
+def bootstrap_draws(n_seeds: int, replicates: int, seed: int) -> np.ndarray:
+    """(replicates, n_seeds) seed indices drawn with replacement: the percentile bootstrap
+    over seeds of the critical and saturation capacities."""
+    return np.random.default_rng(seed).integers(0, n_seeds, (replicates, n_seeds))
