@@ -306,7 +306,7 @@ def v3(small: bool, fits: list[str], capacities: tuple, steps: int | None) -> tu
         reports = {}
         for name, z in data.items():
             reports[name] = ld.measure(
-                z, x, generator="mlp", seeds=2 if small else 3,
+                z, x, generator="mlp", seeds=3,
                 **({"capacities": capacities} if capacities else {}),
                 n_eval=n_eval, proxies=False, progress=False,
                 **({"steps": steps} if steps else {}), **settings,

@@ -125,7 +125,7 @@ def test_planted_latent_default_fit():
             x,
             generator="mlp",
             capacities=(8, 32),
-            seeds=2,
+            seeds=3,
             n_eval=400,
             proxies=False,
             progress=False,
