@@ -77,17 +77,21 @@ def _fed(real, fake, batch: int = 128, **settings) -> SampleDistanceMetric:
 # -------------------------------------------------------------------- distance = the CLI
 
 
-@pytest.mark.parametrize("metric", [None, "w2"], ids=["mmd-default", "w2"])
-def test_distance_equals_the_command_line(rows, files, capsys, metric):
-    real, fake, _ = rows
-    flags = [] if metric is None else ["--metric", metric]
+def _cli_distance(files, capsys, *flags: str) -> dict:
+    """``latentdist distance fake.npy --data digits`` with the shared settings: its report."""
     code, out, err = run_cli(
         ["distance", str(files / "fake.npy"), "--data", "digits", *CLI_SETTINGS, *flags,
          "--format", "json", "--no-progress"],
         capsys,
     )  # fmt: skip
     assert code == 0, err
-    cli = json.loads(out)
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("metric", [None, "w2"], ids=["mmd-default", "w2"])
+def test_distance_equals_the_command_line(rows, files, capsys, metric):
+    real, fake, _ = rows
+    cli = _cli_distance(files, capsys, *([] if metric is None else ["--metric", metric]))
     result = _fed(real, fake, metric=metric).compute()
     got = json.loads(result.to_json())  # NaN as null, as the command line writes them
     assert _strip(got) == _strip(cli)  # distance, floor, excess, kernel: exactly equal
@@ -101,6 +105,27 @@ def test_distance_equals_the_command_line(rows, files, capsys, metric):
         f"{cli['metric']}: CLI distance {cli['distance']['mean']!r} floor {cli['floor']['mean']!r}"
         f" | metric object {got['distance']['mean']!r} {got['floor']['mean']!r}"
     )
+
+
+def test_learned_features_with_labels_equal_the_command_line(rows, files, capsys):
+    """fd in a learned feature space: the command line trains a classifier on the built-in
+    data's labels; given the same labels with the real rows, so does the metric object."""
+    real, fake, _ = rows
+    labels = ld.load_data("digits").labels
+    cli = _cli_distance(
+        files, capsys, "--metric", "fd", "--features", "learned", "--feature-steps", "20"
+    )
+    settings = dict(metric="fd", features="learned", feature_steps=20)
+    m = SampleDistanceMetric(**SETTINGS, **settings)
+    for start in range(0, 1797, 500):
+        batch = slice(start, start + 500)
+        m.update(real=real[batch], fake=fake[batch] if start < 600 else None,
+                 real_labels=torch.as_tensor(labels[batch]))  # fmt: skip
+    got = json.loads(m.compute().to_json())
+    assert _strip(got) == _strip(cli)
+    unlabelled = _fed(real, fake, **settings).compute().report  # a denoising autoencoder's
+    assert unlabelled["distance"] != cli["distance"]  # features: another space, another value
+    print(f"fd (learned, labels): CLI {cli['distance']['mean']!r} = {got['distance']['mean']!r}")
 
 
 def test_batched_updates_equal_one_update_and_rows_are_copied(rows):
@@ -195,7 +220,7 @@ def _free_port() -> int:
 
 
 # rank 0 holds the first rows of every kind, rank 1 the rest (uneven; rank 1 holds no data rows)
-CUT = {"real": 1000, "fake": 250, "z": 900, "x": 1797}
+CUT = {"real": 1000, "fake": 250, "z": 350, "x": 600}  # the signals use the first 600 rows
 
 
 def _ddp_worker(rank: int, port: int, folder: str, real, fake, z) -> None:
@@ -210,9 +235,16 @@ def _ddp_worker(rank: int, port: int, folder: str, real, fake, z) -> None:
             out["empty"] = str(e)
         part = {
             k: (t[: CUT[k]] if rank == 0 else t[CUT[k] :])
-            for k, t in (("real", real), ("fake", fake), ("z", z), ("x", real))
+            for k, t in (("real", real), ("fake", fake), ("z", z[:600]), ("x", real[:600]))
         }
-        m = _fed(part["real"], part["fake"], batch=64)
+        m = SampleDistanceMetric(**SETTINGS)  # labels gathered too (mmd does not use them)
+        labels = torch.arange(len(real)) % 10
+        labels = labels[: CUT["real"]] if rank == 0 else labels[CUT["real"] :]
+        for start in range(0, len(part["real"]), 64):
+            batch = slice(start, start + 64)
+            m.update(real=part["real"][batch], real_labels=labels[batch])
+        for fake_batch in part["fake"].split(64):
+            m.update(fake=fake_batch)
         out["distance"] = json.loads(m.compute().to_json())
         s = LatentSignalsMetric()
         n_batches = -(-len(part["z"]) // 128)  # data rows in as many batches as latents
@@ -236,7 +268,7 @@ def test_two_gloo_processes_equal_one_process(rows, tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     one = json.loads(_fed(real, fake).compute().to_json())
     whole = LatentSignalsMetric()
-    whole.update(z, real)
+    whole.update(z[:600], real[:600])
     signals = json.loads(whole.compute().to_json())
     own1 = SampleDistanceMetric(**SETTINGS)
     own1.update(real=real[CUT["real"] :], fake=fake[CUT["fake"] :])
@@ -307,6 +339,15 @@ def test_bad_shapes_and_caps_are_one_line(rows):
     m.update(fake=fake[:3])
     with pytest.raises(UsageError, match="n-eval 1: expected an integer >= 2") as e:
         m.compute()  # too few rows for the default n_eval: sample_distance's own message
+    _one_line(e)
+    with pytest.raises(UsageError, match="expected 3 integer labels") as e:
+        SampleDistanceMetric().update(real=real[:3], real_labels=[0.5, 1, 2])
+    _one_line(e)
+    with pytest.raises(UsageError, match="with every real batch or with none") as e:
+        m.update(real=real[:3], real_labels=[0, 1, 2])  # the first batch came without
+    _one_line(e)
+    with pytest.raises(UsageError, match="real_labels=... needs real=...") as e:
+        m.update(fake=fake[:3], real_labels=[0, 1, 2])
     _one_line(e)
     s = LatentSignalsMetric()
     s.update(z[:5])

@@ -32,6 +32,7 @@ import torch
 
 from latentdist import parallel
 from latentdist._io import to_json
+from latentdist.data import DataSource
 from latentdist.discrepancy import as_rows, resolve_metric
 from latentdist.errors import UsageError
 from latentdist.estimator.rows import head
@@ -125,7 +126,8 @@ class SampleDistanceMetric:
     allow)), ``seeds`` (5; >= 2 for intervals), ``seed`` (the first), ``features``,
     ``feature_steps``, ``metric_kwargs``. ``max_rows``: rows kept per side (``DEFAULT_MAX_ROWS``;
     None for no cap). ``sync_on_compute``: under DDP, gather every rank's rows first (module
-    docstring).
+    docstring). Class labels of the real rows (``update(real=x, real_labels=y)``) go to a
+    learned feature network as a built-in data set's labels do on the command line (fd, kid).
 
     >>> m = SampleDistanceMetric(n_eval=200, seeds=3)
     >>> for real, fake in batches:
@@ -164,14 +166,21 @@ class SampleDistanceMetric:
         self.max_rows, self.sync_on_compute = max_rows, sync_on_compute
         self._real = _Rows("SampleDistanceMetric", "real", max_rows)
         self._fake = _Rows("SampleDistanceMetric", "fake", max_rows)
+        self._labels: list[torch.Tensor | None] = []  # per real batch, all or none
 
-    def update(self, real: Any = None, fake: Any = None) -> None:
+    def update(self, real: Any = None, fake: Any = None, *, real_labels: Any = None) -> None:
         """Add a batch of reference rows (``real``) and/or generated rows (``fake``): tensors or
-        arrays (n, ...) with one row shape for both sides; copied to the CPU as float32."""
+        arrays (n, ...) with one row shape for both sides; copied to the CPU as float32.
+        ``real_labels``: integer class labels of the ``real`` rows (n,), with every real batch
+        or none."""
         if real is None and fake is None:
             raise UsageError("SampleDistanceMetric.update: give real=... and/or fake=...")
         if real is not None:
+            labels = _labels(real_labels, len(real), bool(self._labels) and self._labels[0])
             self._real.add(real, like=self._fake)
+            self._labels.append(labels)
+        elif real_labels is not None:
+            raise UsageError("SampleDistanceMetric.update: real_labels=... needs real=...")
         if fake is not None:
             self._fake.add(fake, like=self._real)
 
@@ -192,15 +201,51 @@ class SampleDistanceMetric:
                     f"SampleDistanceMetric.compute: no {what} rows{where}; call "
                     f"update({what}=...) first"
                 )
+        reference = _with_labels(real, self._labels, sync)
         settings = self.settings
         if sync:
-            return parallel.on_main(lambda: sample_distance(fake, real, **settings))
-        return sample_distance(fake, real, **settings)
+            return parallel.on_main(lambda: sample_distance(fake, reference, **settings))
+        return sample_distance(fake, reference, **settings)
 
     def reset(self) -> None:
         """Forget every row (the settings stay)."""
         self._real.clear()
         self._fake.clear()
+        self._labels = []
+
+
+def _labels(labels: Any, n: int, before: torch.Tensor | bool | None) -> torch.Tensor | None:
+    """``labels`` of a real batch of ``n`` rows as int64 (n,), checked: integers, one per row,
+    given with every batch or none (``before``: the first batch's labels, False if none yet)."""
+    where = "SampleDistanceMetric.update(real_labels=...)"
+    if before is not False and (labels is None) != (before is None):
+        raise UsageError(f"{where}: give labels with every real batch or with none")
+    if labels is None:
+        return None
+    a = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels)
+    if a.shape != (n,) or a.dtype.kind not in "biu":
+        raise UsageError(
+            f"{where}: expected {n} integer labels (one per real row), got shape "
+            f"{list(a.shape)} of dtype {a.dtype}"
+        )
+    return torch.from_numpy(a.astype(np.int64))
+
+
+def _with_labels(real: torch.Tensor, labels: list, sync: bool) -> Any:
+    """The real rows, as a DataSource carrying their labels when they came with labels (what
+    ``sample_distance`` passes to a learned feature network), else as they are."""
+    given = [t for t in labels if t is not None]
+    local = torch.cat(given) if given else torch.empty(0, dtype=torch.long)
+    gathered = parallel.all_gather_rows(local) if sync else local
+    if len(gathered) == 0:
+        return real
+    if len(gathered) != len(real):
+        raise UsageError(
+            f"SampleDistanceMetric.compute: {len(gathered)} real labels for {len(real)} real "
+            "rows (labels given on some ranks only)"
+        )
+    kind = "images" if real.ndim == 4 else "vectors"
+    return DataSource("<reference array>", real.numpy(), kind=kind, labels=gathered.numpy())
 
 
 def _check_cap(owner: str, max_rows: int | None) -> None:
