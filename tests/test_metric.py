@@ -57,9 +57,16 @@ def rows():
 def files(rows, tmp_path_factory):
     real, fake, z = rows
     root = tmp_path_factory.mktemp("metric")
-    for name, t in (("fake", fake), ("z", z[:600]), ("x", real[:600])):
+    for name, t in (("fake", fake), ("x", real[:600])):
         np.save(root / f"{name}.npy", t.numpy())
+    torch.jit.script(_encoder()).save(str(root / "encoder.pt"))
     return root
+
+
+def _encoder() -> torch.nn.Module:
+    """A small conv encoder, 1 x 8 x 8 -> 2 x 4 x 4 (the same weights at every call)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 2, 2, stride=2), torch.nn.Tanh())
 
 
 def _strip(report: dict) -> dict:
@@ -162,20 +169,22 @@ def test_reset_forgets_the_rows(rows):
 
 
 def test_latent_signals_equal_measure(rows, files, capsys):
-    real, _, z = rows
+    """measure --encoder: its latents, the first data rows and the encoder (equivariance)."""
+    real, _, _ = rows
     out = files / "measure"
     code, _, err = run_cli(
-        ["measure", "--latents", str(files / "z.npy"), "--data", str(files / "x.npy"),
+        ["measure", "--encoder", str(files / "encoder.pt"), "--data", str(files / "x.npy"),
          "--generator", "linear", "--seeds", "2", "--steps", "5", "--no-proxies",
-         "--threads", "1", "--no-progress", "--out", str(out)],
+         "--encode-batch-size", "128", "--threads", "1", "--no-progress", "--out", str(out)],
         capsys,
     )  # fmt: skip
     assert code == 0, err
     report = json.loads((out / "measure.json").read_text())
-    m = LatentSignalsMetric()
-    for start in range(0, 600, 128):
-        stop = min(600, start + 128)
-        m.update(z[start:stop], real[start:stop])
+    encoder = _encoder()
+    m = LatentSignalsMetric(encoder=encoder)
+    with torch.no_grad():
+        for x in real[:600].split(128):
+            m.update(encoder(x), x)
     assert m.rows == {"latents": 600, "data": 600}
     got = json.loads(m.compute().to_json())
     report["diagnostics"].pop("time_s")
@@ -188,6 +197,7 @@ def test_latent_signals_equal_measure(rows, files, capsys):
     assert signals["gaussian_kl_per_dim"] == stats["gaussian_kl"]["kl_per_dim"]
     assert signals["effective_rank"] == report["latent"]["effective_rank"]
     assert signals["intrinsic_dim_twonn"] == report["latent"]["intrinsic_dim"]["twonn"]
+    assert signals["equivariance_rot90"] == report["diagnostics"]["equivariance"]["rot90"]
     print(f"measure vs LatentSignalsMetric, equal: {signals}")
 
 

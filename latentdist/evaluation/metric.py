@@ -296,7 +296,9 @@ class LatentSignalsMetric:
     ``update(latents)`` or ``update(latents, data)``: latents (n, ...) and, for the spectrum and
     the equivariance errors, image data (m, C, H, W) (the first ``DATA_ROWS`` data rows are
     kept: all the diagnostics read, as in ``measure``). ``encoder``: a callable from data to
-    latents, for the equivariance errors; ``codebook`` (K, C) or ``is_integer``: codebook usage
+    latents, for the equivariance errors (a module runs on its own device, in the mode the
+    caller left it in; under DDP pass the module inside the DDP wrapper, since only rank 0
+    calls it); ``codebook`` (K, C) or ``is_integer``: codebook usage
     of vector-quantised latents; ``seed``: the diagnostics' subsampling (``measure``'s
     ``--seed``). ``max_rows``, ``sync_on_compute``: as ``SampleDistanceMetric``'s.
     """
@@ -312,7 +314,7 @@ class LatentSignalsMetric:
         sync_on_compute: bool = True,
     ) -> None:
         _check_cap("LatentSignalsMetric", max_rows)
-        self.seed, self.encoder, self.codebook = seed, encoder, codebook
+        self.seed, self.encoder, self.codebook = seed, _on_its_device(encoder), codebook
         self.is_integer = is_integer
         self.max_rows, self.sync_on_compute = max_rows, sync_on_compute
         self._latents = _Rows("LatentSignalsMetric", "latents", max_rows)
@@ -355,6 +357,22 @@ class LatentSignalsMetric:
         """Forget every latent and data row (the settings stay)."""
         self._latents.clear()
         self._data.clear()
+
+
+def _on_its_device(encoder: Any) -> Any:
+    """A module ``encoder`` as a callable that takes CPU batches: each runs on the device of the
+    module's first parameter, without autograd, and comes back as float32 on the CPU (as
+    ``measure``'s encoder does). Its mode (train/eval) is left as the caller set it."""
+    if not isinstance(encoder, torch.nn.Module):
+        return encoder
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        param = next(encoder.parameters(), None)
+        device = x.device if param is None else param.device
+        with torch.no_grad():
+            return encoder(x.to(device)).detach().to("cpu", torch.float32)
+
+    return run
 
 
 def scalars(result: DistanceResult | LatentSignals, prefix: str = "") -> dict[str, float]:
