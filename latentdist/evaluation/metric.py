@@ -24,6 +24,7 @@ every rank. The value is the one a single process fed all rows in rank order com
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,8 +68,9 @@ class _Rows:
         self.batches: list[torch.Tensor] = []
         self.count = 0  # rows given (more than are kept when ``keep`` truncates)
 
-    def add(self, x: Any, like: _Rows | None = None) -> None:
-        """Add the rows ``x``; their shape must be that of earlier rows and of ``like``'s."""
+    def add(self, x: Any, like: _Rows | None = None, check: Callable | None = None) -> None:
+        """Add the rows ``x``; their shape must be that of earlier rows and of ``like``'s, and
+        ``check(rows)`` (which may raise) must pass before they are kept."""
         where = f"{self.owner}.update({self.what}=...)"
         t = as_rows(x, where, dtype=torch.float32, flat=False)
         for other, name in ((self, f"earlier {self.what}"), (like, f"the {like and like.what}")):
@@ -84,6 +86,8 @@ class _Rows:
                 f"max_rows={self.cap}; call reset() after compute(), feed fewer rows, or raise "
                 "max_rows"
             )
+        if check is not None:
+            check(t)
         self.count += len(t)
         if self.keep is not None:
             t = t[: max(0, self.keep - sum(len(b) for b in self.batches))]
@@ -176,9 +180,14 @@ class SampleDistanceMetric:
         if real is None and fake is None:
             raise UsageError("SampleDistanceMetric.update: give real=... and/or fake=...")
         if real is not None:
-            labels = _labels(real_labels, len(real), bool(self._labels) and self._labels[0])
-            self._real.add(real, like=self._fake)
-            self._labels.append(labels)
+            before = self._labels[0] if self._labels else False
+            labels: list = []
+            self._real.add(
+                real,
+                like=self._fake,
+                check=lambda t: labels.append(_labels(real_labels, len(t), before)),
+            )
+            self._labels.append(labels[0])
         elif real_labels is not None:
             raise UsageError("SampleDistanceMetric.update: real_labels=... needs real=...")
         if fake is not None:
