@@ -11,14 +11,17 @@ from latentdist.data import DataSource, load_data
 from latentdist.data.encoders import Encoder, load_encoder
 from latentdist.estimator import MeasureConfig, MeasureResult, measure
 from latentdist.evaluation.distance import DistanceResult, sample_distance
+from latentdist.evaluation.metric import LatentSignalsMetric, SampleDistanceMetric
 from latentdist.versions import __version__
 
 __all__ = [
     "DataSource",
     "DistanceResult",
     "Encoder",
+    "LatentSignalsMetric",
     "MeasureConfig",
     "MeasureResult",
+    "SampleDistanceMetric",
     "__version__",
     "load_data",
     "load_encoder",

@@ -7,7 +7,8 @@ a no-op in a single process, so the code that calls it reads the same either way
 
 * joining and leaving: ``setup``/``teardown`` (the trainer), ``session`` (measure, compare),
   which also stops a rank cleanly when another one dies (``Stopped``: one line, exit 2);
-* collectives on tensors: ``barrier``, ``all_reduce_sum_``, ``all_reduce_mean_``, ``broadcast_``;
+* collectives on tensors: ``barrier``, ``all_reduce_sum_``, ``all_reduce_mean_``, ``broadcast_``,
+  ``all_gather_rows`` (rows of different counts per rank, concatenated in rank order);
 * exchanges of Python objects that carry errors as well as results (``Group.gather``): a rank
   that fails makes every rank raise its one-line error (``RankFailure``) at the next exchange;
 * dealing work to ranks: ``split_contiguous``, ``deal``, ``map_items``, ``shard_rows``.
@@ -149,6 +150,36 @@ def broadcast_(*tensors: torch.Tensor, src: int = 0) -> None:
         with _exchange():
             for t in tensors:
                 dist.broadcast(t, src=src)
+
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every process's rows ``t`` (n_rank, *shape) concatenated in rank order (rank 0's first);
+    ``t`` itself in a single process.
+
+    Row counts may differ between ranks, zero included: each rank's rows are padded to the
+    largest count for one ``all_gather`` and cut back after it (on the current CUDA device
+    under NCCL, on the CPU under gloo; the result is on ``t``'s device). Ranks that hold rows
+    must agree on the row shape and dtype, else every rank raises the same ``UsageError``."""
+    if not active():
+        return t
+    meta = all_gather_object((int(t.shape[0]) if t.ndim else 0, tuple(t.shape[1:]), t.dtype))
+    kinds = {(shape, dtype) for n, shape, dtype in meta if n > 0}
+    if len(kinds) > 1:
+        held = ", ".join(f"rank {r}: {list(s)} {d}" for r, (n, s, d) in enumerate(meta) if n)
+        raise UsageError(f"ranks hold rows of different shapes or dtypes ({held})")
+    if not kinds:
+        return t
+    shape, dtype = kinds.pop()
+    counts = [n for n, _, _ in meta]
+    nccl = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    padded = torch.zeros((max(counts), *shape), dtype=dtype, device=device)
+    if counts[dist.get_rank()]:
+        padded[: counts[dist.get_rank()]] = t.to(device)
+    parts = [torch.empty_like(padded) for _ in counts]
+    with _exchange():
+        dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, counts, strict=True)]).to(t.device)
 
 
 def all_gather_object(obj: object) -> list:

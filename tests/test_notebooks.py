@@ -3,7 +3,9 @@
 Each notebook asserts its own properties in its cells (notebook 01: every Gaussian latent reaches
 the linear closed form sqrt(sum of the D-k smallest eigenvalues) within 15 % under distributional
 fitting, paired fitting gives the other closed forms, the floor grows with dimension; notebook 02:
-the DAE's encoder is untouched by stage 2, shared floors, D_c falls with capacity). Notebooks are
+the DAE's encoder is untouched by stage 2, shared floors, D_c falls with capacity; notebook 03:
+the metric object's logged distance is sample_distance's on the same rows, to the last bit, and
+falls as the autoencoder trains). Notebooks are
 executed in memory with LATENTDIST_NB_SMALL=1 and never written back.
 """
 
@@ -89,3 +91,14 @@ def test_dae_vs_joint_notebook(tmp_path, monkeypatch):
         assert f"{mode:5s}: D_c from" in out
     assert _images(nb) >= 1
     assert (NOTEBOOKS / "02_dae_vs_joint.ipynb").read_bytes() == before
+
+
+def test_metric_in_training_loop_notebook(tmp_path, monkeypatch):
+    before = (NOTEBOOKS / "03_metric_in_training_loop.ipynb").read_bytes()
+    nb = _execute("03_metric_in_training_loop.ipynb", tmp_path, monkeypatch)
+    out = _stdout(nb)
+    assert "metric object == sample_distance on the same rows" in out
+    assert "distance fell from" in out
+    assert out.count("spectrum_kl") >= 3  # a line per log point after step 0
+    assert _images(nb) >= 1
+    assert (NOTEBOOKS / "03_metric_in_training_loop.ipynb").read_bytes() == before
