@@ -126,6 +126,84 @@ def test_compare_json_has_finite_values_and_modes(compared):
     assert report["probe_settings"]["recipe"]["steps"] == 40
 
 
+def test_signals_in_compare_json_and_report(compared):
+    """Every continuous run gets interpolation FD (perturbation FD skipped), the velocity
+    irreducible variance and, digits carrying labels, the linear probe; the external pair is the
+    joint run's encoder and decoder on the same rows, so its signals equal the joint run's."""
+    out, report, output = compared
+    for r in report["runs"]:
+        s = r["signals"]
+        interp = s["interpolation"]
+        n_val = r["held_out"]["rows"]
+        assert (interp["n_query"], interp["n_ref"], interp["k"], interp["alpha"]) == (
+            n_val,
+            n_val,
+            10,
+            0.5,
+        )
+        assert all(_finite(interp[key]) for key in ("linear", "slerp", "reconstruction"))
+        assert interp["floor"] > 0 and interp["reconstruction"] > interp["floor"]
+        assert "skipped" in s["perturbation"]
+        viv = s["velocity_variance"]
+        assert 0 <= viv["ci"][0] <= viv["viv"] <= viv["ci"][1] <= 1 and viv["rows"] == 1000
+        probe = s["linear_probe"]
+        assert 0 <= probe["accuracy"] <= 1 and probe["n_classes"] == 10
+        assert probe["chance"] == pytest.approx(0.1, abs=0.02)  # digits: balanced classes
+        assert r["timings"]["signals_s"] == pytest.approx(s["time_s"])
+    _, joint, ext = report["runs"]
+    for key in ("interpolation", "linear_probe"):
+        a, b = ext["signals"][key], joint["signals"][key]
+        assert {k: v for k, v in a.items() if k not in ("ci", "per_split")} == pytest.approx(
+            {k: v for k, v in b.items() if k not in ("ci", "per_split")}, rel=1e-6
+        ), key
+    assert ext["signals"]["velocity_variance"]["viv"] == pytest.approx(
+        joint["signals"]["velocity_variance"]["viv"], rel=1e-6
+    )
+    md = (out / "report.md").read_text()
+    assert "## Signals" in md and "| run | interp FD (linear) | interp FD (slerp) |" in md
+    assert "signals (docs/proxies.md):" in output
+
+
+def test_vq_codes_get_perturbation_fd_on_the_same_rows():
+    """A VQ run (a codebook on the encoder): perturbation FD instead of interpolation FD, on
+    the same training rows the continuous signal would use; with identity features its floor
+    and its unperturbed reconstruction FD equal the Frechet distances computed here."""
+    from types import SimpleNamespace
+
+    from latentdist.discrepancy import frechet_distance
+    from latentdist.evaluation.compare import (
+        CompareConfig, Coded, Inputs, latent_signals, signal_rows,
+    )  # fmt: skip
+
+    src = load_data("digits")
+    g = torch.Generator().manual_seed(0)
+    codebook = torch.randn(16, 2, generator=g)
+    z = codebook[torch.randint(16, (len(src), 4, 4), generator=g)].movedim(-1, 1)
+    decoder = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(32, 64), torch.nn.Unflatten(1, (1, 8, 8))
+    ).eval()
+    val = np.arange(0, len(src), 10)
+    with torch.no_grad():
+        coded = Coded(SimpleNamespace(codebook=codebook), decoder, z, val, src.take(val),
+                      decoder(z[val]))  # fmt: skip
+    inputs = Inputs(src, "digits", -1.0, 1.0, {"vq": (val, "test")}, [], torch.device("cpu"))
+    cfg = CompareConfig(device="cpu", measure_config=MeasureConfig(seed=3)).validate()
+    out = latent_signals(coded, inputs, torch.nn.Flatten(), cfg)
+    assert "skipped" in out["interpolation"]
+    pert = out["perturbation"]
+    query, pool = signal_rows(coded, cfg)
+    assert len(query) == len(val) and not set(query) & set(val) and not set(query) & set(pool)
+    flat = lambda x: x.reshape(len(x), -1).double()  # noqa: E731
+    x_val = flat(src.take(val))
+    assert pert["floor"] == pytest.approx(frechet_distance(flat(src.take(query)), x_val))
+    with torch.no_grad():
+        recon = frechet_distance(flat(decoder(z[query])), x_val)
+    assert pert["reconstruction"] == pytest.approx(recon, rel=1e-6)
+    assert pert["swapped_share"] == pytest.approx(0.1, abs=0.02)  # of 180 x 16 tokens
+    assert _finite(pert["fd"]) and pert["fd"] != pert["reconstruction"]
+    assert 0 <= out["velocity_variance"]["viv"] <= 1 and out["linear_probe"]["accuracy"] < 0.5
+
+
 def test_same_settings_and_seeds_across_runs(compared):
     """The floor depends on the data and seeds alone, so every run must report the same one; the
     external pair is the joint run's encoder/decoder, and the fallback split equals the trainer's
