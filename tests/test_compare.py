@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,10 +13,19 @@ from click.testing import CliRunner
 
 from latentdist.cli.compare import compare as compare_cmd
 from latentdist.data import load_data
+from latentdist.discrepancy import frechet_distance
 from latentdist.errors import UsageError
 from latentdist.estimator import MeasureConfig
 from latentdist.evaluation import compare as compare_module
-from latentdist.evaluation.compare import GENERATION_KEYS, RunSpec
+from latentdist.evaluation.compare import (
+    GENERATION_KEYS,
+    Coded,
+    CompareConfig,
+    Inputs,
+    RunSpec,
+    latent_signals,
+    signal_rows,
+)
 from latentdist.evaluation.compare import held_out_rows as _held_out
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -168,13 +178,6 @@ def test_vq_codes_get_perturbation_fd_on_the_same_rows():
     """A VQ run (a codebook on the encoder): perturbation FD instead of interpolation FD, on
     the same training rows the continuous signal would use; with identity features its floor
     and its unperturbed reconstruction FD equal the Frechet distances computed here."""
-    from types import SimpleNamespace
-
-    from latentdist.discrepancy import frechet_distance
-    from latentdist.evaluation.compare import (
-        CompareConfig, Coded, Inputs, latent_signals, signal_rows,
-    )  # fmt: skip
-
     src = load_data("digits")
     g = torch.Generator().manual_seed(0)
     codebook = torch.randn(16, 2, generator=g)
