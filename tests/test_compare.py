@@ -174,10 +174,10 @@ def test_signals_in_compare_json_and_report(compared):
     assert "signals (docs/proxies.md):" in output
 
 
-def test_vq_codes_get_perturbation_fd_on_the_same_rows():
-    """A VQ run (a codebook on the encoder): perturbation FD instead of interpolation FD, on
-    the same training rows the continuous signal would use; with identity features its floor
-    and its unperturbed reconstruction FD equal the Frechet distances computed here."""
+def test_vq_codes_get_perturbation_fd():
+    """A VQ run (a codebook on the encoder): perturbation FD instead of interpolation FD, on the
+    held-out rows against as many training rows; with identity features its floor and its
+    unperturbed reconstruction FD equal the Frechet distances computed here."""
     src = load_data("digits")
     g = torch.Generator().manual_seed(0)
     codebook = torch.randn(16, 2, generator=g)
@@ -194,13 +194,14 @@ def test_vq_codes_get_perturbation_fd_on_the_same_rows():
     out = latent_signals(coded, inputs, torch.nn.Flatten(), cfg)
     assert "skipped" in out["interpolation"]
     pert = out["perturbation"]
-    query, pool = signal_rows(coded, cfg)
-    assert len(query) == len(val) and not set(query) & set(val) and not set(query) & set(pool)
+    n, ref, pool = signal_rows(coded, cfg)
+    assert n == len(val) and not set(ref) & set(val) and not set(ref) & set(pool)
+    assert set(ref) | set(pool) | set(val) == set(range(len(src)))
     flat = lambda x: x.reshape(len(x), -1).double()  # noqa: E731
-    x_val = flat(src.take(val))
-    assert pert["floor"] == pytest.approx(frechet_distance(flat(src.take(query)), x_val))
+    x_ref = flat(src.take(ref))
+    assert pert["floor"] == pytest.approx(frechet_distance(flat(src.take(val)), x_ref))
     with torch.no_grad():
-        recon = frechet_distance(flat(decoder(z[query])), x_val)
+        recon = frechet_distance(flat(decoder(z[val])), x_ref)
     assert pert["reconstruction"] == pytest.approx(recon, rel=1e-6)
     assert pert["swapped_share"] == pytest.approx(0.1, abs=0.02)  # of 180 x 16 tokens
     assert _finite(pert["fd"]) and pert["fd"] != pert["reconstruction"]

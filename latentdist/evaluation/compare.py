@@ -21,8 +21,9 @@ For every run (a ``train-dae`` folder, or an external TorchScript encoder + deco
   equivariance errors, latent statistics, mode count (all from ``measure``) and the decoder's
   robustness to latent noise;
 * **signals** (``latentdist.proxies.signals``), cheap predictors of generation: interpolation FD
-  (continuous latents) or perturbation FD (VQ codes) of training rows' latents decoded and scored
-  against the held-out rows in the same feature space, beside their floor; the velocity
+  (continuous latents) or perturbation FD (VQ codes) of the held-out rows' latents, decoded and
+  scored against as many other (training) rows in the same feature space, beside their floor;
+  the velocity
   irreducible variance of the flow-matching target; the linear-probe accuracy when the data carry
   labels.
 
@@ -630,23 +631,25 @@ def latent_signals(
 ) -> dict[str, Any]:
     """The cheap predictors of generation for one run (``latentdist.proxies.signals``), each
     ``{"skipped": reason}`` where its inputs do not exist. Interpolation FD (continuous latents)
-    or perturbation FD (VQ codes): ``signal_rows`` training rows are mixed or perturbed, decoded
-    and scored against the held-out rows in the compare feature space; velocity irreducible
-    variance on 1000 rows; linear probe on 2000 labelled rows, 5 splits."""
+    or perturbation FD (VQ codes): the held-out rows' latents are mixed with neighbours among
+    the training rows or perturbed, decoded and scored in the compare feature space against an
+    equal number of other training rows (``signal_rows``); velocity irreducible variance on 1000
+    rows; linear probe on 2000 labelled rows, 5 splits."""
     t0 = time.perf_counter()
     seed = cfg.measure_config.seed
-    query, pool = signal_rows(coded, cfg)
-    args = (inputs.src.take(query), coded.x_val, decoder_fn(coded, inputs, cfg))
-    feats = feature_fn(extractor)
+    n, ref, pool = signal_rows(coded, cfg)
+    zq, x_query, x_ref = coded.z[coded.val[:n]], coded.x_val[:n], inputs.src.take(ref)
+    args = (x_query, x_ref, decoder_fn(coded, inputs, cfg), feature_fn(extractor))
     codebook = coded.encoder.codebook
     out: dict[str, Any] = {}
     if codebook is None:
-        zq, zp = coded.z[query], coded.z[pool]
-        out["interpolation"] = sig.interpolation_fd(zq, zp, *args, feats, seed=seed)
+        out["interpolation"] = sig.interpolation_fd(
+            zq, coded.z[pool], *args, x_recon=coded.x_hat[:n], seed=seed
+        )
         out["perturbation"] = {"skipped": "continuous latent (perturbation FD is for VQ codes)"}
     else:
         out["interpolation"] = {"skipped": "VQ codes (interpolation FD mixes continuous latents)"}
-        out["perturbation"] = sig.perturbation_fd(coded.z[query], codebook, *args, feats, seed=seed)
+        out["perturbation"] = sig.perturbation_fd(zq, codebook, *args, seed=seed)
     out["velocity_variance"] = sig.velocity_irreducible_variance(coded.z, seed=seed)
     labels = getattr(inputs.src, "labels", None)
     out["linear_probe"] = (
@@ -658,16 +661,17 @@ def latent_signals(
     return out
 
 
-def signal_rows(coded: Coded, cfg: CompareConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(query, pool): as many training rows as the generation metrics score samples (the held-out
-    count, at most ``max_samples``), drawn with the measurement's seed, and the other training
-    rows, among which the interpolation's neighbours are sought."""
+def signal_rows(coded: Coded, cfg: CompareConfig) -> tuple[int, np.ndarray, np.ndarray]:
+    """(n, reference, pool): the first n held-out rows are the queries, n = the held-out count
+    (at most ``max_samples``, as the generation metrics' sample count); the reference is n
+    training rows drawn with the measurement's seed, and the other training rows are the pool
+    among which the interpolation's neighbours are sought."""
     train = coded.train_rows
-    n = min(cfg.n_samples or len(coded.val), cfg.max_samples, len(train) // 2)
+    n = min(cfg.n_samples or len(coded.val), len(coded.val), cfg.max_samples, len(train) // 2)
     rng = np.random.default_rng(cfg.measure_config.seed)
     pick = np.zeros(len(train), dtype=bool)
     pick[rng.choice(len(train), n, replace=False)] = True
-    return train[pick], train[~pick]
+    return n, train[pick], train[~pick]
 
 
 def decoder_fn(coded: Coded, inputs: Inputs, cfg: CompareConfig) -> Callable:

@@ -140,6 +140,7 @@ def interpolation_fd(
     k: int = 10,
     alpha: float = 0.5,
     modes: Sequence[str] = MIX_MODES,
+    x_recon: torch.Tensor | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Interpolation FD (iFID; Xu et al., "Making Reconstruction FID Predictive of Diffusion
@@ -154,11 +155,11 @@ def interpolation_fd(
 
     with phi = ``features`` and FD the Frechet distance of Gaussian fits. Departure from the
     reference code, which scores the decodes against the very images whose latents were mixed:
-    the reference here is a separate sample ``x_ref`` (compare: the held-out rows, as generation
-    FD), so the value has a floor, ``floor = FD(phi(x_query), phi(x_ref))`` at the same sample
+    the reference here is a separate data sample ``x_ref`` (compare: as many training rows as
+    there are held-out query rows), so the value has a floor, ``floor = FD(phi(x_query), phi(x_ref))`` at the same sample
     sizes; decodes equal to the query data score exactly the floor. ``reconstruction`` is
-    ``FD(phi(D(z_query)), phi(x_ref))``, the same rows without mixing (rFID in this form).
-    ``z_pool`` must not contain the query rows.
+    ``FD(phi(D(z_query)), phi(x_ref))``, the same rows without mixing (rFID in this form);
+    ``x_recon``: D(z_query) when already decoded. ``z_pool`` must not contain the query rows.
     """
     if not 0.0 <= alpha <= 1.0:
         raise UsageError(f"interpolation_fd: alpha {alpha} outside [0, 1]")
@@ -166,7 +167,7 @@ def interpolation_fd(
     ref = features(torch.as_tensor(x_ref).float())
     out: dict[str, Any] = {
         "floor": _fd(features, torch.as_tensor(x_query).float(), ref),
-        "reconstruction": _fd(features, decode(zq), ref),
+        "reconstruction": _fd(features, decode(zq) if x_recon is None else x_recon, ref),
     }
     for i, mode in enumerate(modes):
         nb = latent_neighbours(zq, zp, k=k, mode=mode, seed=seed + i)

@@ -686,9 +686,9 @@ def report_markdown(report: dict[str, Any], figures: dict[str, list[str]]) -> st
 
 SIGNALS_TEXT = (
     "Cheap predictors of generation (docs/proxies.md). Interpolation FD (continuous latents; "
-    "iFID, arXiv 2603.05630): training rows' latents mixed at 0.5 with one of their 10 nearest "
-    "latents among the other training rows (linear, or slerp), decoded and scored against the "
-    "held-out rows in the FD feature space. Perturbation FD (VQ codes; pFID, arXiv 2509.12474): "
+    "iFID, arXiv 2603.05630): the held-out rows' latents mixed at 0.5 with one of their 10 "
+    "nearest latents among the training rows (linear, or slerp), decoded and scored against as "
+    "many other training rows in the FD feature space. Perturbation FD (VQ codes; pFID, arXiv 2509.12474): "
     "10% of tokens swapped for one of the 8 nearest codebook vectors, decoded, scored alike. "
     "Recon FD: the same rows decoded unchanged; floor: the same rows' data. Velocity var.: the "
     "share of the flow-matching target's variance no velocity net can explain (VIV, arXiv "
