@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,10 +13,19 @@ from click.testing import CliRunner
 
 from latentdist.cli.compare import compare as compare_cmd
 from latentdist.data import load_data
+from latentdist.discrepancy import frechet_distance
 from latentdist.errors import UsageError
 from latentdist.estimator import MeasureConfig
 from latentdist.evaluation import compare as compare_module
-from latentdist.evaluation.compare import GENERATION_KEYS, RunSpec
+from latentdist.evaluation.compare import (
+    GENERATION_KEYS,
+    Coded,
+    CompareConfig,
+    Inputs,
+    RunSpec,
+    latent_signals,
+    signal_rows,
+)
 from latentdist.evaluation.compare import held_out_rows as _held_out
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -124,6 +134,78 @@ def test_compare_json_has_finite_values_and_modes(compared):
         assert mse["0"] == pytest.approx(r["reconstruction"]["mse"], rel=1e-5)
         assert set(mse) == {"0", "0.1", "0.2", "0.5"} and all(_finite(v) for v in mse.values())
     assert report["probe_settings"]["recipe"]["steps"] == 40
+
+
+def test_signals_in_compare_json_and_report(compared):
+    """Every continuous run gets interpolation FD (perturbation FD skipped), the velocity
+    irreducible variance and, digits carrying labels, the linear probe; the external pair is the
+    joint run's encoder and decoder on the same rows, so its signals equal the joint run's."""
+    out, report, output = compared
+    for r in report["runs"]:
+        s = r["signals"]
+        interp = s["interpolation"]
+        n_val = r["held_out"]["rows"]
+        assert (interp["n_query"], interp["n_ref"], interp["k"], interp["alpha"]) == (
+            n_val,
+            n_val,
+            10,
+            0.5,
+        )
+        assert all(_finite(interp[key]) for key in ("linear", "slerp", "reconstruction"))
+        assert interp["floor"] > 0 and interp["reconstruction"] > interp["floor"]
+        assert "skipped" in s["perturbation"]
+        viv = s["velocity_variance"]
+        assert 0 <= viv["ci"][0] <= viv["viv"] <= viv["ci"][1] <= 1 and viv["rows"] == 1000
+        probe = s["linear_probe"]
+        assert 0 <= probe["accuracy"] <= 1 and probe["n_classes"] == 10
+        assert probe["chance"] == pytest.approx(0.1, abs=0.02)  # digits: balanced classes
+        assert r["timings"]["signals_s"] == pytest.approx(s["time_s"])
+    _, joint, ext = report["runs"]
+    for key in ("interpolation", "linear_probe"):
+        a, b = ext["signals"][key], joint["signals"][key]
+        assert {k: v for k, v in a.items() if k not in ("ci", "per_split")} == pytest.approx(
+            {k: v for k, v in b.items() if k not in ("ci", "per_split")}, rel=1e-6
+        ), key
+    assert ext["signals"]["velocity_variance"]["viv"] == pytest.approx(
+        joint["signals"]["velocity_variance"]["viv"], rel=1e-6
+    )
+    md = (out / "report.md").read_text()
+    assert "## Signals" in md and "| run | interp FD (linear) | interp FD (slerp) |" in md
+    assert "signals (docs/proxies.md):" in output
+
+
+def test_vq_codes_get_perturbation_fd():
+    """A VQ run (a codebook on the encoder): perturbation FD instead of interpolation FD, on the
+    held-out rows against as many training rows; with identity features its floor and its
+    unperturbed reconstruction FD equal the Frechet distances computed here."""
+    src = load_data("digits")
+    g = torch.Generator().manual_seed(0)
+    codebook = torch.randn(16, 2, generator=g)
+    z = codebook[torch.randint(16, (len(src), 4, 4), generator=g)].movedim(-1, 1)
+    decoder = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(32, 64), torch.nn.Unflatten(1, (1, 8, 8))
+    ).eval()
+    val = np.arange(0, len(src), 10)
+    with torch.no_grad():
+        coded = Coded(SimpleNamespace(codebook=codebook), decoder, z, val, src.take(val),
+                      decoder(z[val]))  # fmt: skip
+    inputs = Inputs(src, "digits", -1.0, 1.0, {"vq": (val, "test")}, [], torch.device("cpu"))
+    cfg = CompareConfig(device="cpu", measure_config=MeasureConfig(seed=3)).validate()
+    out = latent_signals(coded, inputs, torch.nn.Flatten(), cfg)
+    assert "skipped" in out["interpolation"]
+    pert = out["perturbation"]
+    n, ref, pool = signal_rows(coded, cfg)
+    assert n == len(val) and not set(ref) & set(val) and not set(ref) & set(pool)
+    assert set(ref) | set(pool) | set(val) == set(range(len(src)))
+    flat = lambda x: x.reshape(len(x), -1).double()  # noqa: E731
+    x_ref = flat(src.take(ref))
+    assert pert["floor"] == pytest.approx(frechet_distance(flat(src.take(val)), x_ref))
+    with torch.no_grad():
+        recon = frechet_distance(flat(decoder(z[val])), x_ref)
+    assert pert["reconstruction"] == pytest.approx(recon, rel=1e-6)
+    assert pert["swapped_share"] == pytest.approx(0.1, abs=0.02)  # of 180 x 16 tokens
+    assert _finite(pert["fd"]) and pert["fd"] != pert["reconstruction"]
+    assert 0 <= out["velocity_variance"]["viv"] <= 1 and out["linear_probe"]["accuracy"] < 0.5
 
 
 def test_same_settings_and_seeds_across_runs(compared):

@@ -19,7 +19,13 @@ For every run (a ``train-dae`` folder, or an external TorchScript encoder + deco
   value per generation seed, reported as mean with a 95 % interval;
 * **diagnostics** (``latentdist.proxies.diagnostics``): latent spectrum vs image spectrum,
   equivariance errors, latent statistics, mode count (all from ``measure``) and the decoder's
-  robustness to latent noise.
+  robustness to latent noise;
+* **signals** (``latentdist.proxies.signals``), cheap predictors of generation: interpolation FD
+  (continuous latents) or perturbation FD (VQ codes) of the held-out rows' latents, decoded and
+  scored against as many other (training) rows in the same feature space, beside their floor;
+  the velocity
+  irreducible variance of the flow-matching target; the linear-probe accuracy when the data carry
+  labels.
 
 Held-out rows: a train-dae run's recorded validation indices when the data fingerprint matches the
 run's, else the trainer's rule with its defaults (``split_indices(n, 0.1, 0)``) and a warning. The
@@ -50,7 +56,7 @@ from latentdist.dae import split_indices
 from latentdist.data import DataSource, load_data
 from latentdist.data.encoders import load_encoder
 from latentdist.device import resolve_device
-from latentdist.discrepancy import load_feature_extractor, train_feature_net
+from latentdist.discrepancy import extract_features, load_feature_extractor, train_feature_net
 from latentdist.errors import UsageError
 from latentdist.estimator import MeasureConfig, measure, sharding
 from latentdist.estimator.paired import paired_difference, verdict
@@ -59,6 +65,7 @@ from latentdist.evaluation.generation import CodePrior, GaussianMixturePrior, ge
 from latentdist.evaluation.probe import PROBE_RECIPE, FlowPrior, ProbeRecipe
 from latentdist.generators.modules import count_params
 from latentdist.proxies import diagnostics as diag
+from latentdist.proxies import signals as sig
 from latentdist.proxies.geometry import nearest_codes
 from latentdist.report.compare import compare_frame, format_table, save_compare
 from latentdist.versions import versions
@@ -530,6 +537,7 @@ def evaluate_run(
     probe, probe_fakes, t_probe = probe_quality(
         coded, extractor, cfg, inputs.device, generation, fakes
     )
+    signals = parallel.on_main(latent_signals, coded, inputs, extractor, cfg)
     val, where = inputs.held[spec.name]
     run = spec.run or {}
     entry = {
@@ -550,11 +558,13 @@ def evaluate_run(
         "generation": generation,
         "probe": probe,
         "diagnostics": diagnostics,
+        "signals": signals,
         "timings": {
             "measure_s": t_measure,
             "generation_s": t_generation,
             "probe_s": t_probe,
             "diagnostics_s": diagnostics["time_s"],
+            "signals_s": signals["time_s"],
         },
     }
     return entry, run_images(coded, fakes, probe_fakes)
@@ -605,16 +615,82 @@ def decode(decoder: Any, z: torch.Tensor, device: torch.device, batch: int) -> t
 
 def robustness(coded: Coded, inputs: Inputs, cfg: CompareConfig) -> dict[str, Any]:
     """The decoder's robustness to noise on the held-out rows' latents (diagnostics)."""
-    dev, batch = inputs.device, cfg.encode_batch_size
     return diag.decoder_robustness(
-        lambda zb: decode(coded.decoder, zb, dev, batch),
+        decoder_fn(coded, inputs, cfg),
         coded.z[coded.val],
         coded.x_val,
         seed=cfg.measure_config.seed,
     )
 
 
-# --- phase 3: generation quality and the probe ------------------------------------------------
+# --- phase 3: the cheap signals, generation quality and the probe ----------------------------
+
+
+def latent_signals(
+    coded: Coded, inputs: Inputs, extractor: Any, cfg: CompareConfig
+) -> dict[str, Any]:
+    """The cheap predictors of generation for one run (``latentdist.proxies.signals``), each
+    ``{"skipped": reason}`` where its inputs do not exist. Interpolation FD (continuous latents)
+    or perturbation FD (VQ codes): the held-out rows' latents are mixed with neighbours among
+    the training rows or perturbed, decoded and scored in the compare feature space against an
+    equal number of other training rows (``signal_rows``); velocity irreducible variance on 1000
+    rows; linear probe on 2000 labelled rows, 5 splits."""
+    t0 = time.perf_counter()
+    seed = cfg.measure_config.seed
+    n, ref, pool = signal_rows(coded, cfg)
+    zq, x_query, x_ref = coded.z[coded.val[:n]], coded.x_val[:n], inputs.src.take(ref)
+    args = (x_query, x_ref, decoder_fn(coded, inputs, cfg), feature_fn(extractor))
+    codebook = coded.encoder.codebook
+    out: dict[str, Any] = {}
+    if codebook is None:
+        out["interpolation"] = sig.interpolation_fd(
+            zq, coded.z[pool], *args, x_recon=coded.x_hat[:n], seed=seed
+        )
+        out["perturbation"] = {"skipped": "continuous latent (perturbation FD is for VQ codes)"}
+    else:
+        out["interpolation"] = {"skipped": "VQ codes (interpolation FD mixes continuous latents)"}
+        out["perturbation"] = sig.perturbation_fd(zq, codebook, *args, seed=seed)
+    out["velocity_variance"] = sig.velocity_irreducible_variance(coded.z, seed=seed)
+    labels = getattr(inputs.src, "labels", None)
+    out["linear_probe"] = (
+        sig.linear_probe_accuracy(coded.z, labels, seed=seed)
+        if labels is not None
+        else {"skipped": "the data carry no labels"}
+    )
+    out["time_s"] = time.perf_counter() - t0
+    return out
+
+
+def signal_rows(coded: Coded, cfg: CompareConfig) -> tuple[int, np.ndarray, np.ndarray]:
+    """(n, reference, pool): the first n held-out rows are the queries, n = the held-out count
+    (at most ``max_samples``, as the generation metrics' sample count); the reference is n
+    training rows drawn with the measurement's seed, and the other training rows are the pool
+    among which the interpolation's neighbours are sought."""
+    train = coded.train_rows
+    n = min(cfg.n_samples or len(coded.val), len(coded.val), cfg.max_samples, len(train) // 2)
+    rng = np.random.default_rng(cfg.measure_config.seed)
+    pick = np.zeros(len(train), dtype=bool)
+    pick[rng.choice(len(train), n, replace=False)] = True
+    return n, train[pick], train[~pick]
+
+
+def decoder_fn(coded: Coded, inputs: Inputs, cfg: CompareConfig) -> Callable:
+    """The run's decoder as a function of latents: batches on the device, float32 on the CPU."""
+    return partial(decode, coded.decoder, device=inputs.device, batch=cfg.encode_batch_size)
+
+
+def feature_fn(extractor: Any) -> Callable:
+    """The compare feature space as a function of samples: (n, F) features in eval mode."""
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        was_training = extractor.training
+        extractor.eval()
+        try:
+            return extract_features(extractor, x)
+        finally:
+            extractor.train(was_training)
+
+    return features
 
 
 def generation_quality(
