@@ -19,9 +19,7 @@ autoregressive ``CodePrior`` instead (``compare`` picks).
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from latentdist.device import torch_threads
 from latentdist.errors import UsageError
 
 __all__ = ["PROBE_RECIPE", "FlowPrior", "MLPVelocity", "ProbeRecipe"]
@@ -57,19 +56,6 @@ class ProbeRecipe:
 
 
 PROBE_RECIPE = ProbeRecipe()
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run torch on one intra-op thread, then restore the setting. The probe's products are
-    tiny (batch 128 x 256 wide): on a loaded 2-core machine two threads took 380-450 ms per
-    training step (each op waits for both threads) against 4 ms on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _time_features(t: torch.Tensor, n: int = 8) -> torch.Tensor:
@@ -143,7 +129,7 @@ class FlowPrior:
         gen = torch.Generator().manual_seed(seed)
         self.net.train()
         self.losses = []
-        with _one_thread():
+        with torch_threads(1):  # tiny products: one thread is several times faster
             self._train(zs, opt, sched, gen)
         self.net.eval()
         return self
@@ -172,7 +158,7 @@ class FlowPrior:
         gen = torch.Generator().manual_seed(seed)
         k = self.recipe.sample_steps
         dim = math.prod(self.latent_shape)
-        with _one_thread():
+        with torch_threads(1):  # tiny products: one thread is several times faster
             out = self._integrate(n, dim, k, batch, gen)
         return torch.cat(out) * self.scale + self.shift
 
