@@ -412,8 +412,8 @@ def v4(small: bool, capacities: tuple | None, steps: int | None) -> tuple[str, d
         f"measured); saturation (where each curve flattens): "
         + ", ".join(f"PCA-{k} {_flat(reports[k])}" for k in (2, 8, 32))
         + ". PCA-2 > PCA-8: the paired (per seed) interval of the difference lies above 0; "
-        "required where c > 2 (a capacity-c generator reads at most c latent directions, so at "
-        "c <= 2 the two may tie: there PCA-8 must only not lie above PCA-2); "
+        "required where c >= 2 (a capacity-c mlp reads at most 2c latent directions, so at "
+        "c = 1 the two may tie: there PCA-8 must only not lie above PCA-2); "
         f"PCA-8 >= PCA-32: PCA-32 not above PCA-8 so. {'PASS' if ok else 'FAIL: ' + '; '.join(fails)} "
         f"({time.perf_counter() - t0:.0f} s)\n\n" + markdown_table(table) + "\n"
     )

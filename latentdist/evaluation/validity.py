@@ -247,16 +247,16 @@ def nested_verdict(reports: Mapping[int, Mapping]) -> tuple[bool, list[str]]:
 
     * PCA-2 is a linear function of PCA-8, so D_c(PCA-2) >= D_c(PCA-8) at every c: PCA-8 never
       above PCA-2;
-    * strictly D_c(PCA-2) > D_c(PCA-8) where c > 2: a generator of capacity c reads at most c
-      directions of its latent (the mlp's skip has rank <= c, its body width c), so only from
-      c = 3 on can it use what PCA-8 has beyond PCA-2's two; at c <= 2 both may reach the same
-      best c-direction generator;
+    * strictly D_c(PCA-2) > D_c(PCA-8) where c >= 2: a capacity-c mlp reads at most 2c
+      directions of its latent (its skip has rank <= c, its body's first layer width c), so
+      from c = 2 on it can use what PCA-8 has beyond PCA-2's two; at c = 1 both may reach the
+      same best two-direction generator;
     * PCA-32 not above PCA-8.
     """
     fails = []
     sampled = _sampled(reports[8])
     for cap, d in common_curve(reports, (2, 8, 32)):
-        if cap is not None and cap <= 2:
+        if cap is not None and 2 * cap <= 2:
             if paired_above(d[8], d[2], sampled):
                 fails.append(f"PCA-8 above PCA-2 at {cap}")
         elif not paired_above(d[2], d[8], sampled):
