@@ -106,7 +106,7 @@ def _rgb01(x: torch.Tensor, name: str) -> torch.Tensor:
             f"{tuple(x.shape[1:])}"
         )
     lo, hi = float(x.min()), float(x.max())
-    if lo < -1.5 or hi > 1.5:
+    if lo < -2 or hi > 2:  # 0..255 or 0..16 scales; a decoder may overshoot 1 a little
         raise UsageError(
             f"--features {name}:PATH expects images scaled to [-1, 1] (as image folders and "
             f"the built-in data sets are), got values in [{lo:.4g}, {hi:.4g}]"
