@@ -49,8 +49,9 @@ from latentdist.outdir import output_folder
 @click.option(
     "--features",
     type=click.Path(),
-    help="TorchScript feature extractor for FD / precision / recall (default: a small network "
-    "trained once here on the training rows).",
+    help="Feature extractor for FD / precision / recall: a TorchScript file, inception:PATH or "
+    "dinov2:PATH (as distance --features) (default: a small network trained once here on the "
+    "training rows).",
 )
 @click.option(
     "--feature-steps", type=int, default=300, show_default=True, help="Steps for the default net."

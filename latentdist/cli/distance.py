@@ -46,10 +46,12 @@ def _metric_names() -> list[str]:
     "--features",
     default="auto",
     show_default=True,
-    metavar="auto|identity|learned|PATH",
+    metavar="auto|identity|learned|inception:PATH|dinov2:PATH|PATH",
     help="Feature space of fd and kid: auto (learned for images, identity for vectors), "
-    "identity, learned (trained on reference rows that are never scored), or a TorchScript "
-    "feature extractor.",
+    "identity, learned (trained on reference rows that are never scored), inception:PATH "
+    "(FID's Inception-v3 with pytorch-fid's weights file; needs pytorch-fid), dinov2:PATH "
+    "(DINOv2 from a torch-hub checkpoint; needs latentdist[features]), or a TorchScript "
+    "feature extractor. Images must be scaled to [-1, 1]; preprocessing: docs/metrics.md.",
 )
 @click.option(
     "--feature-steps",

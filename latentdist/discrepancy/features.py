@@ -1,5 +1,6 @@
 """The feature spaces of ``fd`` and ``kid``: the learned ``FeatureNet``, a user's TorchScript
-extractor, and ``resolve_features``, which maps a feature spec to one of them (docs/metrics.md).
+extractor, the field's Inception-v3 and DINOv2 from a local weights file (``pretrained.py``), and
+``resolve_features``, which maps a feature spec to one of them (docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from latentdist._shapes import pixel_budget_batch
 from latentdist.data.source import DataSource
+from latentdist.discrepancy.pretrained import PRETRAINED, load_pretrained, parse_pretrained
 from latentdist.errors import UsageError
 
 __all__ = [
@@ -27,7 +29,7 @@ __all__ = [
 ]
 
 #: What ``resolve_features`` reports a feature space as.
-FEATURE_KINDS = ("identity", "learned", "extractor", "module")
+FEATURE_KINDS = ("identity", "learned", "extractor", "module", *PRETRAINED)
 
 
 class FeatureNet(nn.Module):
@@ -155,10 +157,15 @@ def _streamed_std(source: DataSource, rows: np.ndarray, chunk: int) -> float:
 
 
 def load_feature_extractor(path: str | os.PathLike) -> nn.Module:
-    """Load a user's TorchScript feature extractor (``torch.jit.save`` file) in eval mode.
+    """Load a user's TorchScript feature extractor (``torch.jit.save`` file) in eval mode, or,
+    for ``inception:PATH`` and ``dinov2:PATH``, that network with the weights of PATH
+    (``latentdist.discrepancy.pretrained.load_pretrained``).
 
     TorchScript archives hold code and tensors, not arbitrary pickled objects.
     """
+    named = parse_pretrained(path)
+    if named is not None:
+        return load_pretrained(*named)
     p = os.fspath(path)
     if not os.path.isfile(p):
         raise UsageError(f"{p}: no such feature-extractor file")
@@ -196,8 +203,9 @@ def resolve_features(
     ``spec``: None or "identity" -> ("identity", None), the samples themselves; "auto" ->
     "learned" for images (C, H, W), else "identity"; "learned" -> a ``train_feature_net`` on
     ``fit_rows`` (n, *sample_shape) with ``labels``, ``steps`` and ``seed``, or ("learned", None)
-    when ``fit_rows`` is None (the caller trains one per split later); a path -> ("extractor",
-    ``load_feature_extractor(spec)``); a module -> ("module", spec). ``name`` names the fitting
+    when ``fit_rows`` is None (the caller trains one per split later); "inception:PATH" or
+    "dinov2:PATH" -> (that name, the network with PATH's weights, ``pretrained.py``); a path ->
+    ("extractor", ``load_feature_extractor(spec)``); a module -> ("module", spec). ``name`` names the fitting
     rows in errors. Whether a metric takes features at all is the caller's question
     (``FEATURE_METRICS``).
     """
@@ -214,8 +222,12 @@ def resolve_features(
         return "learned", train_feature_net(source, steps=steps, seed=seed)
     if isinstance(spec, nn.Module):
         return "module", spec
+    named = parse_pretrained(spec)
+    if named is not None:
+        return named[0], load_pretrained(*named)
     if isinstance(spec, (str, os.PathLike)):
         return "extractor", load_feature_extractor(spec)
     raise UsageError(
-        f"features: expected auto, identity, learned, a path or a module, got {spec!r}"
+        f"features: expected auto, identity, learned, inception:PATH, dinov2:PATH, a path or a "
+        f"module, got {spec!r}"
     )

@@ -141,7 +141,8 @@ class CompareConfig:
     ``measure_config``: the settings of ``latentdist.measure``, used identically for every run
     (its ``device`` is replaced by ``device``). Generation: ``gen_seeds`` repetitions of (fit
     prior, sample ``n_samples`` (default: the held-out count, at most ``max_samples``), decode,
-    score against held-out data); ``features``: a TorchScript feature extractor for FD/PRDC, else
+    score against held-out data); ``features``: a TorchScript feature extractor for FD/PRDC, or
+    "inception:PATH" / "dinov2:PATH" (``latentdist.discrepancy.pretrained``), else
     a small network trained once on training rows (``feature_steps`` steps); ``k``: PRDC's
     neighbours. The probe uses ``PROBE_RECIPE`` with ``probe_steps`` optimiser steps when given
     (0: no probe).

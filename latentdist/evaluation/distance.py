@@ -175,6 +175,10 @@ def _space(
             "else a denoising autoencoder)",
             "extractor": f"the user's feature extractor {features}",
             "module": "a given feature module",
+            "inception": f"FID's Inception-v3 pool features (2048-d; pytorch-fid's network and "
+            f"preprocessing) with the weights of {features}",
+            "dinov2": f"DINOv2's class token (transformers' Dinov2Model; dgm-eval's "
+            f"preprocessing) with the weights of {features}",
         }[feature_kind]
         kind = (
             "Frechet distance of Gaussian fits (FD = W2^2 between them)"
@@ -248,7 +252,9 @@ def sample_distances(
     feature network, are computed once per seed and shared; the sets' values are then paired
     comparisons. ``features`` (fd, kid): "auto" (learned for images, identity for vectors),
     "identity", "learned" (a network trained per seed on that seed's reference fit rows for
-    ``feature_steps`` steps), a TorchScript path, or a module mapping (n, *shape) -> (n, F).
+    ``feature_steps`` steps), "inception:PATH" or "dinov2:PATH" (those networks with the weights
+    of a local file, ``latentdist.discrepancy.pretrained``), a TorchScript path, or a module
+    mapping (n, *shape) -> (n, F).
     """
     t_start = time.perf_counter()
     if int(seeds) < 1:
