@@ -801,15 +801,16 @@ def v8(small: bool, steps: int | None) -> tuple[str, bool]:
         for e in diff
     ]  # fmt: skip
     flat = paired["saturation"]
-    flat_text = (
-        f"Where the curves flatten: plain {_flat(plain)}, warped {_flat(warped)}; the paired "
-        f"bootstrap puts warped's later in {100 * flat.get('b_smaller_share', 0):.0f} % of the "
-        "resamples."
-    )
+    flat_text = f"Where the curves flatten: plain {_flat(plain)}, warped {_flat(warped)}"
+    flattened = any((r.get("saturation") or {}).get("capacity") for r in (plain, warped))
+    if flat.get("b_smaller_share") is not None and flattened:
+        share = 100 * flat["b_smaller_share"]
+        flat_text += f"; the paired bootstrap puts warped's later in {share:.0f} % of the resamples"
+    flat_text += "."
     text = (
         "## V8 same information, different complexity (PCA-8 vs warped PCA-8, MNIST-5k)\n\n"
         f"generator {plain['generator']}, {plain['config']['steps']} steps, 3 seeds, n_eval "
-        f"{plain['n_eval']}; floor {plain['floor']['mean']:.3g} {plain['floor']['ci']}. "
+        f"{plain['n_eval']}; floor {cell(plain['floor'])}. "
         f"{'PASS' if ok else 'FAIL'}: warped above plain beyond the paired interval at small "
         f"capacity; gap at the largest capacity {diff[-1]['mean']:.3g} vs its peak "
         f"{peak['mean']:.3g} at c = {peak['capacity']} "
