@@ -58,7 +58,6 @@ from latentdist.discrepancy import METRICS  # noqa: E402
 from latentdist.estimator import MeasureConfig  # noqa: E402
 from latentdist.estimator.fit import FITS  # noqa: E402
 from latentdist.estimator.paired import paired_difference  # noqa: E402
-from latentdist.estimator.stats import mean_ci  # noqa: E402
 from latentdist.evaluation.distance import sample_distances  # noqa: E402
 from latentdist.evaluation.validity import (  # noqa: E402
     DEGRADATIONS,
@@ -72,6 +71,7 @@ from latentdist.evaluation.validity import (  # noqa: E402
     planted_latent,
     planted_verdict,
 )
+from latentdist.stats import mean_ci  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -505,7 +505,7 @@ def v5(small: bool, cols: list[Column]) -> str:
         f"{seeds} seeds per repeat. MMD with a fixed bandwidth sqrt(d) x scales {scales} so the "
         "truth is exact; FD truth |shift|^2. '-': no known value. The interval is over seeds "
         "(re-splits of one data set), widened by the delete-d jackknife for the fraction of each "
-        "set a seed evaluates (estimator.stats.mean_ci) so that it carries the data's own "
+        "set a seed evaluates (latentdist.stats.mean_ci) so that it carries the data's own "
         "sampling variability; goal: >= 18/20 where the truth is known and the estimator "
         "unbiased (mmd, kid; fd and the OT metrics are biased at n_eval).\n\n"
         + markdown_table(table)

@@ -202,7 +202,7 @@ def test_learned_features_train_on_reference_rows_never_scored(digits_halves):
 def test_intervals_over_resplits_carry_the_data_sampling_variability():
     """Seeds that re-split one finite data set see only subsampling noise: the plain interval
     undercovers the population value; the delete-d jackknife widening restores ~95 %."""
-    from latentdist.estimator.stats import mean_ci
+    from latentdist.stats import mean_ci
 
     rng = np.random.default_rng(0)
     n_rows, m, seeds, repeats = 400, 100, 5, 400

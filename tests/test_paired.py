@@ -8,7 +8,7 @@ import pytest
 
 from latentdist.errors import UsageError
 from latentdist.estimator.paired import critical_interval, paired_difference, verdict
-from latentdist.estimator.stats import mean_ci
+from latentdist.stats import mean_ci
 
 CAPS = [1, 2, 4, 8]
 

@@ -10,7 +10,7 @@ import torch
 import latentdist as ld
 from latentdist.estimator.paired import paired_difference, verdict
 from latentdist.estimator.saturation import next_capacity, saturation
-from latentdist.estimator.stats import mean_ci
+from latentdist.stats import mean_ci
 
 CAPS = [1, 2, 4, 8, 16, 32, 64]
 

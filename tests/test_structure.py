@@ -10,7 +10,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "latentdist"
 # low to high; a module may import its own layer and the layers below it
 LAYERS = (
-    ("errors", "_io", "_progress", "_shapes", "device", "versions", "outdir"),
+    ("errors", "_io", "_progress", "_shapes", "device", "versions", "outdir", "stats"),
     ("parallel", "report", "checkpoint"),
     ("data",),
     ("discrepancy",),

@@ -14,7 +14,6 @@ from sklearn.decomposition import PCA
 import latentdist as ld
 from latentdist.estimator import MeasureConfig
 from latentdist.estimator.paired import paired_difference
-from latentdist.estimator.stats import mean_ci
 from latentdist.evaluation.distance import DEFAULT_METRIC
 from latentdist.evaluation.validity import (
     DEGRADATIONS,
@@ -27,6 +26,7 @@ from latentdist.evaluation.validity import (
     planted_latent,
     planted_verdict,
 )
+from latentdist.stats import mean_ci
 
 DEFAULT = MeasureConfig()
 

@@ -41,11 +41,11 @@ from latentdist.estimator.paired import BOOTSTRAP_REPLICATES, critical_interval
 from latentdist.estimator.saturation import next_capacity, saturation
 from latentdist.estimator.selection import evaluate_sweep
 from latentdist.estimator.split import default_n_eval, default_n_val, make_split
-from latentdist.estimator.stats import mean_ci
 from latentdist.estimator.summary import curve_entries, describe_latent, judge_curve
 from latentdist.estimator.sweep import PAIRED_START_MIN_R2, fit_all, fit_batch_size, fits_to_run
 from latentdist.generators.modules import upsampling_factor
 from latentdist.proxies import generator_proxies
+from latentdist.stats import mean_ci
 from latentdist.versions import versions
 
 

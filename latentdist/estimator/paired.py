@@ -18,7 +18,7 @@ import numpy as np
 
 from latentdist.errors import UsageError
 from latentdist.estimator.saturation import saturation_indices
-from latentdist.estimator.stats import bootstrap_draws, mean_ci
+from latentdist.stats import bootstrap_draws, mean_ci
 
 BOOTSTRAP_REPLICATES = 2000
 _LEVEL = 0.95

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from latentdist.estimator.stats import bootstrap_draws, half_width, mean_ci
+from latentdist.stats import bootstrap_draws, half_width, mean_ci
 
 _LEVEL = 0.95
 

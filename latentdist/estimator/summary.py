@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from latentdist.discrepancy import below_floor_cause
-from latentdist.estimator.stats import mean_ci
 from latentdist.proxies import latent_geometry
 from latentdist.proxies.diagnostics import latent_diagnostics
+from latentdist.stats import mean_ci
 
 
 def undetermined(curve: list[dict], floor: dict) -> set:

@@ -60,7 +60,6 @@ from latentdist.discrepancy import extract_features, load_feature_extractor, tra
 from latentdist.errors import UsageError
 from latentdist.estimator import MeasureConfig, measure, sharding
 from latentdist.estimator.paired import paired_difference, verdict
-from latentdist.estimator.stats import mean_ci
 from latentdist.evaluation.generation import CodePrior, GaussianMixturePrior, generation_metrics
 from latentdist.evaluation.probe import PROBE_RECIPE, FlowPrior, ProbeRecipe
 from latentdist.generators.modules import count_params
@@ -68,6 +67,7 @@ from latentdist.proxies import diagnostics as diag
 from latentdist.proxies import signals as sig
 from latentdist.proxies.geometry import nearest_codes
 from latentdist.report.compare import compare_frame, format_table, save_compare
+from latentdist.stats import mean_ci
 from latentdist.versions import versions
 
 GENERATION_KEYS = ("fd", "kid", "precision", "recall", "density", "coverage", "w2")

@@ -17,7 +17,7 @@ reference)::
 The floor is what the true distribution itself scores at this sample size: ~0 for unbiased
 estimators (unbiased MMD^2, KID, the held-out critic), far from 0 for empirical W1/W2 in high
 dimension (Weed & Bach 2019, arXiv 1707.00087). Means and Student-t 95 % intervals are over
-seeds (``latentdist.estimator.stats.mean_ci``), widened by the delete-d jackknife for the
+seeds (``latentdist.stats.mean_ci``), widened by the delete-d jackknife for the
 fraction of each finite set a seed evaluates, so that they carry the data's own sampling
 variability and not only the re-splits' (a side used whole in every seed cannot; the report
 warns). A held-out critic value is E_P f - E_Q f for one
@@ -56,7 +56,7 @@ from latentdist.discrepancy import (
 )
 from latentdist.errors import UsageError
 from latentdist.estimator.split import distance_split
-from latentdist.estimator.stats import mean_ci
+from latentdist.stats import mean_ci
 
 __all__ = [
     "DEFAULT_METRIC",

@@ -23,8 +23,8 @@ from scipy.stats import norm
 from sklearn.cluster import KMeans
 
 from latentdist.data.source import DataSource
-from latentdist.estimator.stats import mean_ci
 from latentdist.evaluation.distance import sample_distances
+from latentdist.stats import mean_ci
 
 __all__ = [
     "DEGRADATIONS",

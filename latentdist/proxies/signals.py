@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import ShuffleSplit, StratifiedShuffleSplit
 from sklearn.neighbors import NearestNeighbors
@@ -38,6 +37,7 @@ from latentdist.device import torch_threads
 from latentdist.discrepancy import frechet_distance
 from latentdist.errors import UsageError
 from latentdist.proxies.geometry import nearest_codes
+from latentdist.stats import mean_ci
 
 __all__ = [
     "interpolation_fd",
@@ -63,10 +63,7 @@ def _rows(z: Any) -> torch.Tensor:
 
 def _interval(values: np.ndarray) -> list[float] | None:
     """The 95 % Student-t interval of the mean of ``values`` (None for fewer than 2)."""
-    if len(values) < 2:
-        return None
-    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
-    return [float(values.mean() - half), float(values.mean() + half)]
+    return mean_ci(values)["ci"]
 
 
 # ---------------------------------------------------------------- interpolation FD (iFID)
