@@ -15,7 +15,10 @@ per recipe:
 - spread / median interval: (largest - smallest encoder FD) / the median half-width;
 - the reliability ceiling: the correlation between the reported (3-seed) probe FD and the probe
   FD of infinitely many seeds, sqrt(1 - (pooled sd^2 / 3) / var(encoder FDs)); no signal can
-  correlate with the reported probe FD better than this.
+  correlate with the reported probe FD better than this; and the mean Spearman rho between two
+  independent repeats of the reported FD (simulated from the pooled sd);
+- for ``PROBE_RECIPE`` on the second and third encoders: the sd of FD over sampling seeds of
+  one fitted flow, at 500 and 2000 samples (how much of the spread is sampling alone).
 
     python benchmarks/bench_probe.py [--small] [--keep DIR] [--recipes a,b] [--seeds S]
 
@@ -131,6 +134,56 @@ def probe_runs(folders, data, features, recipes, seeds, cache_dir, image_keys=()
     return out, samples, inputs
 
 
+def sampling_noise(folders, data, features, recipe, cache_dir, draws=5, sizes=(500, 2000)):
+    """How much of the between-seed spread is sampling alone: per encoder, one flow fitted with
+    seed 0, then ``draws`` sampling seeds of each size in ``sizes`` (decoded, scored against the
+    held-out rows as ``score_prior`` does); the sd of FD over the draws. Cached like the rest."""
+    from latentdist.evaluation.compare import (
+        CompareConfig,
+        RunSpec,
+        decode,
+        encode_run,
+        feature_space,
+        load_inputs,
+    )
+    from latentdist.evaluation.generation import generation_metrics
+    from latentdist.evaluation.probe import FlowPrior
+
+    cache_path = Path(cache_dir) / "probe_cache.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    specs = [RunSpec.from_dir(f) for f in folders]
+    cfg = CompareConfig(features=features, device="cpu").validate()
+    inputs = load_inputs(specs, data, cfg)
+    extractor, _ = feature_space(inputs, cfg)
+    rows = []
+    for spec in specs:
+        key = json.dumps(["sampling", asdict(recipe), spec.name, draws, list(sizes), features])
+        if key not in cache:
+            coded = encode_run(spec, inputs, cfg, progress=False)
+            prior = FlowPrior(recipe).fit(coded.z[coded.train_rows], seed=0)
+            cache[key] = {}
+            for n in sizes:
+                fds = []
+                for d in range(draws):
+                    z = prior.sample(n, seed=100 + d)
+                    fake = decode(coded.decoder, z, inputs.device, cfg.encode_batch_size)
+                    fds.append(
+                        float(generation_metrics(coded.x_val, fake, extractor, k=cfg.k)["fd"])
+                    )
+                cache[key][str(n)] = fds
+            cache_path.write_text(json.dumps(cache))
+        for n, fds in cache[key].items():
+            rows.append(
+                {
+                    "encoder": spec.name,
+                    "samples": int(n),
+                    "FD over sampling draws": f"{np.mean(fds):.2f}",
+                    "sampling sd": float(np.std(fds, ddof=1)),
+                }
+            )
+    return rows
+
+
 def summarise(per_encoder: dict) -> tuple[dict, list[dict]]:
     """The recipe's summary numbers and its per-encoder rows."""
     from latentdist.stats import mean_ci
@@ -238,6 +291,11 @@ def main() -> None:
         extra_results = (
             probe_runs(folders[:1], data, features, extra, REPORTED_SEEDS, root)[0] if extra else {}
         )
+        noise_rows = (
+            []
+            if small or args.recipes or args.no_extra
+            else sampling_noise(folders[1:3], data, features, cands[chosen], root)
+        )
         wall = time.perf_counter() - t_start
         table, detail = [], []
         for key, per_encoder in results.items():
@@ -289,6 +347,17 @@ def main() -> None:
                 "\n\n## Measured on the first encoder only, and dropped\n\n"
                 + markdown_table(extra_rows)
                 if extra_rows
+                else ""
+            )
+            + (
+                "\n\n## Sampling alone\n\n"
+                "`PROBE_RECIPE` fitted once (seed 0) per encoder, then 5 sampling seeds of 500 "
+                "(compare's sample count here, the held-out count) and of 2000 samples, each "
+                "decoded and scored against the held-out rows. Compare the sampling sd with the "
+                "between-seed sd above (fresh training and sampling per seed): where they are "
+                "alike, the probe's imprecision is FD's sampling noise, not its training.\n\n"
+                + markdown_table(noise_rows)
+                if noise_rows
                 else ""
             )
             + "\n\n## The recipes\n\n"
