@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from latentdist.errors import UsageError
 from latentdist.evaluation.generation import kid_subsets as kid
-from latentdist.evaluation.probe import FlowPrior, ProbeRecipe
+from latentdist.evaluation.probe import PROBE_RECIPE, ConvVelocity, FlowPrior, ProbeRecipe
 
 SMALL = ProbeRecipe(steps=400, batch_size=256, lr=3e-3, width=128, sample_steps=32)
 
@@ -38,14 +42,102 @@ def test_flow_keeps_the_two_modes_of_a_1d_mixture():
 
 def test_flow_keeps_latent_shape_and_is_seeded():
     z = torch.randn(64, 2, 3, 3)
-    tiny = ProbeRecipe(steps=5, width=16, sample_steps=4)
-    threads = torch.get_num_threads()
-    a = FlowPrior(tiny).fit(z, seed=3).sample(10, seed=4)
-    assert torch.get_num_threads() == threads  # the probe's one-thread setting is undone
-    b = FlowPrior(tiny).fit(z, seed=3).sample(10, seed=4)
-    assert a.shape == (10, 2, 3, 3) and torch.equal(a, b)
+    for tiny in (
+        ProbeRecipe(steps=5, width=16, sample_steps=4),
+        ProbeRecipe(
+            steps=5, conv_width=8, conv_blocks=1, ema=0.5, sample_steps=2, integrator="heun"
+        ),
+    ):
+        threads = torch.get_num_threads()
+        a = FlowPrior(tiny).fit(z, seed=3).sample(10, seed=4)
+        assert torch.get_num_threads() == threads  # the probe's one-thread setting is undone
+        b = FlowPrior(tiny).fit(z, seed=3).sample(10, seed=4)
+        assert a.shape == (10, 2, 3, 3) and torch.equal(a, b)
+        assert not torch.equal(a, FlowPrior(tiny).fit(z, seed=5).sample(10, seed=4))
+        assert not torch.equal(a, FlowPrior(tiny).fit(z, seed=3).sample(10, seed=6))
     with pytest.raises(UsageError):
         FlowPrior(tiny).fit(torch.tensor([[float("nan")], [1.0]]))
+
+
+def test_conv_flow_recovers_per_channel_gaussians():
+    """A (2, 4, 4) latent, independent per position, channel means 3 and -1 and sds 0.5 and 2:
+    the conv velocity net (EMA, Heun) returns them."""
+    g = torch.Generator().manual_seed(0)
+    mean = torch.tensor([3.0, -1.0]).view(1, 2, 1, 1)
+    sd = torch.tensor([0.5, 2.0]).view(1, 2, 1, 1)
+    z = mean + sd * torch.randn(2000, 2, 4, 4, generator=g)
+    conv = ProbeRecipe(
+        steps=150, batch_size=64, lr=3e-3, conv_width=16, conv_blocks=1, ema=0.9,
+        sample_steps=8, integrator="heun",
+    )  # fmt: skip
+    prior = FlowPrior(conv).fit(z, seed=0)
+    assert isinstance(prior.net, ConvVelocity)
+    s = prior.sample(1000, seed=1)
+    assert s.shape == (1000, 2, 4, 4)
+    assert s.mean(dim=(0, 2, 3)).tolist() == pytest.approx([3.0, -1.0], abs=0.15)
+    assert s.std(dim=(0, 2, 3)).tolist() == pytest.approx([0.5, 2.0], rel=0.1)
+
+
+def test_conv_recipe_uses_an_mlp_for_flat_latents():
+    r = ProbeRecipe(steps=2, conv_width=8, conv_blocks=1, sample_steps=2)
+    assert not isinstance(FlowPrior(r).fit(torch.randn(16, 5)).net, ConvVelocity)
+    assert isinstance(FlowPrior(r).fit(torch.randn(16, 1, 3, 3)).net, ConvVelocity)
+
+
+def test_ema_weights_are_the_hand_computed_average(monkeypatch):
+    """The sampling net's weights equal w_1 then e <- d e + (1 - d) w_k over the trained net's
+    weights after every step (recorded as they are handed to the average)."""
+    seen: list[list[torch.Tensor]] = []
+    update = AveragedModel.update_parameters
+
+    def spy(self, model):
+        seen.append([p.detach().clone() for p in model.parameters()])
+        update(self, model)
+
+    monkeypatch.setattr(AveragedModel, "update_parameters", spy)
+    d = 0.8
+    r = ProbeRecipe(steps=6, width=8, lr=0.05, ema=d, sample_steps=2)
+    prior = FlowPrior(r).fit(torch.randn(32, 3), seed=0)
+    assert len(seen) == 6
+    ema = seen[0]
+    for w in seen[1:]:
+        ema = [d * e + (1 - d) * x for e, x in zip(ema, w, strict=True)]
+    got = list(prior.ema_net.parameters())
+    for e, x, last in zip(ema, got, prior.net.parameters(), strict=True):
+        assert torch.allclose(e, x, atol=1e-6)
+        assert not torch.allclose(x, last)  # the average is not the last weights
+    plain = FlowPrior(replace(r, ema=0.0)).fit(torch.randn(32, 3), seed=0)
+    assert plain.ema_net is plain.net
+
+
+class _Grow(nn.Module):
+    def forward(self, x, t):  # dx/dt = x: x(1) = e x(0)
+        return x
+
+
+@pytest.mark.parametrize("integrator", ["euler", "heun"])
+def test_integrators_take_their_textbook_steps(integrator):
+    """On dx/dt = x, k Euler steps multiply by (1 + h)^k and k Heun steps by
+    (1 + h + h^2 / 2)^k, h = 1/k."""
+    k = 4
+    prior = FlowPrior(ProbeRecipe(sample_steps=k, integrator=integrator))
+    prior.ema_net, prior.latent_shape = _Grow(), (3,)
+    prior.shift, prior.scale = torch.zeros(3), torch.ones(3)
+    x0 = torch.randn(5, 3, generator=torch.Generator().manual_seed(7))
+    h = 1 / k
+    factor = (1 + h) ** k if integrator == "euler" else (1 + h + h * h / 2) ** k
+    assert torch.allclose(prior.sample(5, seed=7), factor * x0, rtol=1e-5)
+
+
+def test_the_recipe_is_valid_and_says_what_it_runs():
+    text = PROBE_RECIPE.describe()
+    assert f"{PROBE_RECIPE.steps} Adam steps" in text
+    assert f"{PROBE_RECIPE.sample_steps} {PROBE_RECIPE.integrator.capitalize()} steps" in text
+    assert ("EMA" in text) == bool(PROBE_RECIPE.ema)
+    assert ("conv velocity net" in text) == bool(PROBE_RECIPE.conv_width)
+    for bad in (dict(ema=1.0), dict(integrator="rk4"), dict(steps=0)):
+        with pytest.raises(UsageError):
+            FlowPrior(replace(PROBE_RECIPE, **bad))
 
 
 def _kid_direct(a: np.ndarray, b: np.ndarray) -> float:

@@ -74,7 +74,7 @@ from latentdist.outdir import output_folder
     type=int,
     default=None,
     help="Training steps of the generation probe (a rectified flow on the latents; see "
-    "docs/metrics.md). Default: the fixed recipe's 1000; 0 skips the probe.",
+    "docs/metrics.md). Default: the fixed recipe's 4000; 0 skips the probe.",
 )
 @click.option("--k", "k", type=int, default=5, show_default=True, help="k for PRDC.")
 @measurement_options
