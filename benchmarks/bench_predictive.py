@@ -159,9 +159,14 @@ def train_one(name: str, changes: dict, data: str, steps: int, root: str, small:
         overwrite=True,
         **{**(SMALL_BASE if small else BASE), **changes},
     )
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     train(cfg)
-    return {"name": name, "folder": cfg.out, "train_s": time.perf_counter() - t0}
+    return {
+        "name": name,
+        "folder": cfg.out,
+        "train_s": time.perf_counter() - t0,
+        "train_cpu_s": time.process_time() - c0,
+    }
 
 
 def _linear_modules():
@@ -272,12 +277,13 @@ def compare_one(folder: str, data: str, features: str, settings: dict) -> dict:
         run = json.loads(saved.read_text())
         if run.get("bench_key") == key:
             return run
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = compare(
         [run_spec(folder)], data, features=features, device="cpu", progress=False, **settings
     )
     run = res.report["runs"][0]
     run["compare_s"] = time.perf_counter() - t0
+    run["compare_cpu_s"] = time.process_time() - c0  # this process's CPU: robust to a busy machine
     run["settings"] = {k: v for k, v in res.report.items() if k.endswith("settings")}
     run["bench_key"] = key
     save_json(saved, run)
@@ -604,6 +610,8 @@ def study(
                 "train s": t["train_s"],
                 "compare s": r["compare_s"],
                 "probe s": r["timings"]["probe_s"],
+                "train+compare CPU s": t.get("train_cpu_s", math.nan)
+                + r.get("compare_cpu_s", math.nan),
             }
         )
     per_seed = np.array([r["probe"]["fd"]["per_seed"] for r in runs], dtype=float)
@@ -624,30 +632,25 @@ def study(
 
 
 def describe_times(res: dict) -> dict:
-    """Median per-member times (train / compare / probe), learned and non-learned apart."""
-    learned = [
-        (t["train_s"], r["compare_s"], r["timings"]["probe_s"])
-        for t, r, (_, c) in zip(res["trained"], res["runs"], res["zoo"], strict=True)
-        if "linear" not in c
-    ]
-    fixed = [
-        (t["train_s"], r["compare_s"], r["timings"]["probe_s"])
-        for t, r, (_, c) in zip(res["trained"], res["runs"], res["zoo"], strict=True)
-        if "linear" in c
-    ]
-
-    def med(rows, i):
-        return float(np.median([r[i] for r in rows])) if rows else math.nan
-
-    return {
-        "learned": len(learned),
-        "non-learned": len(fixed),
-        "train s (median, learned)": med(learned, 0),
-        "compare s (median, learned)": med(learned, 1),
-        "probe s (median, learned)": med(learned, 2),
-        "build s (median, non-learned)": med(fixed, 0),
-        "compare s (median, non-learned)": med(fixed, 1),
-    }
+    """Median per-member times, learned and non-learned apart: wall seconds of training (or
+    building), compare and its probe, and the CPU seconds of training + compare (one thread per
+    job: the time on a quiet core)."""
+    rows = {"learned": [], "non-learned": []}
+    for t, r, (_, c) in zip(res["trained"], res["runs"], res["zoo"], strict=True):
+        cpu = t.get("train_cpu_s", math.nan) + r.get("compare_cpu_s", math.nan)
+        rows["non-learned" if "linear" in c else "learned"].append(
+            (t["train_s"], r["compare_s"], r["timings"]["probe_s"], cpu)
+        )
+    out: dict = {}
+    for kind, rs in rows.items():
+        out[kind] = len(rs)
+        if rs:
+            a = np.array(rs, dtype=float)
+            out[f"{kind}: train s"] = float(np.median(a[:, 0]))
+            out[f"{kind}: compare s"] = float(np.median(a[:, 1]))
+            out[f"{kind}: probe s"] = float(np.median(a[:, 2]))
+            out[f"{kind}: train+compare CPU s"] = float(np.median(a[:, 3]))
+    return out
 
 
 def ceiling_text(c: dict) -> str:
