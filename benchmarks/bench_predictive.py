@@ -55,6 +55,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -365,11 +366,24 @@ def signals(run: dict) -> dict[str, float]:
     return out
 
 
+def rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman's rho of each row pair of ``a`` and ``b`` (m, n): Pearson's correlation of the
+    average ranks; NaN where a row is constant."""
+    from scipy.stats import rankdata
+
+    ra, rb = rankdata(a, axis=1), rankdata(b, axis=1)
+    ra -= ra.mean(1, keepdims=True)
+    rb -= rb.mean(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (ra * rb).sum(1) / np.sqrt((ra**2).sum(1) * (rb**2).sum(1))
+
+
 def spearman_with_interval(
     x: np.ndarray, y: np.ndarray, n_boot: int = 2000, seed: int = 0
 ) -> tuple[float, list[float] | None]:
     """Spearman's rho of (x, y) and its 95 % percentile bootstrap interval over resampled pairs
-    (resamples in which either variable is constant are skipped)."""
+    (resamples in which either variable is constant are skipped). The resamples' rho are
+    computed at once: Pearson's correlation of average ranks, which is Spearman's rho."""
     from scipy.stats import spearmanr
 
     ok = ~(np.isnan(x) | np.isnan(y))
@@ -377,13 +391,8 @@ def spearman_with_interval(
     if len(x) < 3 or len(set(x.tolist())) < 2 or len(set(y.tolist())) < 2:
         return math.nan, None
     rho = float(spearmanr(x, y).statistic)
-    rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, len(x), len(x))
-        if len(set(x[idx].tolist())) > 1 and len(set(y[idx].tolist())) > 1:
-            boots.append(spearmanr(x[idx], y[idx]).statistic)
-    boots = np.asarray(boots, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(x), (n_boot, len(x)))
+    boots = rowwise_spearman(x[idx], y[idx])
     boots = boots[np.isfinite(boots)]
     ci = (
         [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
@@ -394,40 +403,28 @@ def spearman_with_interval(
 
 
 def probe_ceiling(per_seed: np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict:
-    """The probe's repeatability across the zoo from its per-seed FDs (encoders x seeds): r1, the
+    """The probe's repeatability across the zoo from its per-seed FDs (latents x seeds): r1, the
     mean over seed pairs of Spearman's rho between two single-seed FDs; r = k r1 / (1 + (k-1) r1)
     for the mean of the k seeds (Spearman-Brown); the ceiling sqrt(max(r, 0)) on the correlation
-    of any signal with the probe's mean FD. Interval: percentile bootstrap over encoders."""
-    from scipy.stats import spearmanr
-
+    of any signal with the probe's mean FD. Interval: percentile bootstrap over latents."""
     n, k = per_seed.shape
-
-    def ceiling(rows: np.ndarray) -> tuple[float, float]:
-        rs = [
-            spearmanr(per_seed[rows, i], per_seed[rows, j]).statistic
-            for i, j in itertools.combinations(range(k), 2)
-        ]
-        r1 = float(np.nanmean(rs)) if np.isfinite(rs).any() else math.nan
-        r = k * r1 / (1 + (k - 1) * r1) if r1 > -1 / (k - 1) else math.nan
-        return r1, math.sqrt(max(r, 0.0)) if np.isfinite(r) else math.nan
-
     if k < 2 or n < 3:
         return {"r1": math.nan, "ceiling": math.nan, "ci": None, "encoders": n, "seeds": k}
-    r1, top = ceiling(np.arange(n))
-    rng = np.random.default_rng(seed)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            boots = np.array([ceiling(rng.integers(0, n, n))[1] for _ in range(n_boot)])
-    boots = boots[np.isfinite(boots)]
+    idx = np.vstack([np.arange(n), np.random.default_rng(seed).integers(0, n, (n_boot, n))])
+    pairs = list(itertools.combinations(range(k), 2))
+    rs = np.stack([rowwise_spearman(per_seed[idx, i], per_seed[idx, j]) for i, j in pairs])
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-constant resamples: NaN
+        r1 = np.nanmean(rs, axis=0)
+        r = k * r1 / (1 + (k - 1) * r1)
+        top = np.sqrt(np.clip(r, 0.0, None))
+    boots = top[1:][np.isfinite(top[1:])]
     ci = (
         [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
         if len(boots)
         else None
     )
-    return {"r1": r1, "ceiling": top, "ci": ci, "encoders": n, "seeds": k}
+    return {"r1": float(r1[0]), "ceiling": float(top[0]), "ci": ci, "encoders": n, "seeds": k}
 
 
 def known_order(table: list[dict[str, float]], name: str, direction: float) -> str:
