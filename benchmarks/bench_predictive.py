@@ -428,10 +428,16 @@ def probe_ceiling(per_seed: np.ndarray, n_boot: int = 2000, seed: int = 0) -> di
 
 
 def known_order(table: list[dict[str, float]], name: str, direction: float) -> str:
-    """How many of ``KNOWN_ORDER``'s pairs present in the zoo the signal ``name`` orders as
-    known, read in ``direction`` (+1: larger is worse, as for the probe's FD)."""
+    """How many of ``KNOWN_ORDER``'s pairs the signal ``name`` orders as known, read in
+    ``direction`` (+1: larger is worse, as for the probe's FD), out of the pairs present in the
+    zoo with a value for both latents; "-" when there are none, "?" when the direction is
+    undefined (rho NaN or 0)."""
     by = {t["_name"]: t.get(name, math.nan) for t in table}
-    pairs = [(b, w) for b, w in KNOWN_ORDER if b in by and w in by]
+    pairs = [
+        (b, w)
+        for b, w in KNOWN_ORDER
+        if b in by and w in by and not (math.isnan(by[b]) or math.isnan(by[w]))
+    ]
     if not pairs:
         return "-"
     if not np.isfinite(direction) or direction == 0:
