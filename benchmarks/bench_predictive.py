@@ -228,7 +228,7 @@ def linear_pair(name: str, changes: dict, data: str, root: str) -> dict:
 
     folder = Path(root) / name
     folder.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     src = load_data(data)
     probe = RunSpec(name, folder / "encoder.pt", folder / "decoder.pt")
     val, _, _ = held_out_rows(probe, len(src), src.fingerprint(), tuple(src.sample_shape))
@@ -251,7 +251,12 @@ def linear_pair(name: str, changes: dict, data: str, root: str) -> dict:
     dec = Dec(enc, back, list(src.sample_shape))
     torch.jit.script(enc.eval()).save(str(folder / "encoder.pt"))
     torch.jit.script(dec.eval()).save(str(folder / "decoder.pt"))
-    return {"name": name, "folder": str(folder), "train_s": time.perf_counter() - t0}
+    return {
+        "name": name,
+        "folder": str(folder),
+        "train_s": time.perf_counter() - t0,
+        "train_cpu_s": time.process_time() - c0,
+    }
 
 
 def run_spec(folder: str):
