@@ -21,9 +21,11 @@ per signal. Beside them:
 * the probe's ceiling: every encoder is probed at ``gen_seeds`` seeds (each seed fits its own
   flow); the Spearman correlation of two single-seed probe FDs across the zoo, averaged over seed
   pairs (r1), is stepped up to the mean over all seeds by Spearman-Brown (r = k r1 / (1 + (k - 1)
-  r1)), and sqrt(r) bounds the correlation any signal can have with the probe's FD (attenuation);
+  r1)), and sqrt(r) is the ceiling on the correlation any signal can have with the probe's FD
+  (the attenuation bound of classical test theory, applied to ranks: approximate);
 * the known orders among the non-learned latents (PCA-8 before PCA-4, PCA-16 before PCA-8,
-  PCA-32 before PCA-16, PCA-32 before the random projection to 32, PCA-16 before its warp):
+  PCA-32 before PCA-16, PCA-32 before PCA-8, PCA-32 before the random projection to 32,
+  PCA-16 before its warp; ``KNOWN_ORDER``):
   for each signal, how many of these pairs it puts in order, reading the signal in the direction
   of its correlation with the probe's FD;
 * the DAE-vs-joint effect: for seeds 0, 1, 2 the paired difference (DAE - joint, same seed) in
@@ -35,6 +37,7 @@ DAE and joint at 2 seeds, KL 1e-2 and 1e-6, PCA-8 and PCA-32) asks whether the r
 beyond digits.
 
     python benchmarks/bench_predictive.py [--small] [--jobs J] [--keep DIR] [--no-photos]
+        [--only NAME,NAME]
 
 Default: the two zoos above, 600 training steps per encoder; the distance is measured at
 capacities 4, 16, 64 with 150 steps, 3 seeds, n_eval 400 and no extension beyond 64 — cheaper
@@ -42,7 +45,9 @@ than ``measure``'s defaults, so that the study fits 90 minutes on 2 cores with `
 ``--small``: 4 latents on digits (DAE, joint, PCA-4, PCA-8) with short training and a
 shortened probe (CI); no photographs. ``--jobs J`` trains and compares J encoders at a time,
 each process pinned to its own share of the cores (the per-run times then add up to the
-sequential time). Writes benchmarks/results/predictive[_small].md, .json and .png.
+sequential time); every member's CPU seconds are recorded beside its wall seconds (the cost on a
+quiet core when a busy machine stretches the wall time). ``--only`` keeps the named members (to
+check a few). Writes benchmarks/results/predictive[_small].md, .json and .png.
 """
 
 from __future__ import annotations
