@@ -535,6 +535,8 @@ def scatter(table: list[dict[str, float]], names: list[str], rhos: dict, path: P
             ax.annotate(t["_name"], (xi, yi), fontsize=5, alpha=0.7)
         ax.set_title(f"{name}\nrho = {rhos.get(name, math.nan):.2f}", fontsize=8)
         ax.tick_params(labelsize=6)
+        if min(y) > 0 and max(y) > 20 * min(y):  # e.g. the warped PCA's FD far above the rest
+            ax.set_yscale("log")
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     for ax in axes[:, 0]:
