@@ -277,13 +277,16 @@ def run_spec(folder: str):
 
 def compare_one(folder: str, data: str, features: str, settings: dict) -> dict:
     """``compare`` on one run with the shared feature network; returns its report entry, also
-    saved beside the run (bench_compare.json) and reused from there by a later call."""
+    saved beside the run (bench_compare.json) and reused from there by a later call with the same
+    settings, feature network and probe recipe."""
     from latentdist._io import save_json, to_json
     from latentdist.evaluation.compare import compare
+    from latentdist.evaluation.probe import PROBE_RECIPE
 
     saved = Path(folder) / "bench_compare.json"
     plain = {k: asdict(v) if is_dataclass(v) else v for k, v in settings.items()}
-    key = json.loads(to_json({**plain, "features": features}))
+    # the probe's recipe too: a changed recipe must not reuse a kept run's scores
+    key = json.loads(to_json({**plain, "features": features, "probe": PROBE_RECIPE.to_dict()}))
     if saved.is_file():
         run = json.loads(saved.read_text())
         if run.get("bench_key") == key:
