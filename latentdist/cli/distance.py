@@ -24,7 +24,7 @@ def _metric_names() -> list[str]:
     "reference",
     required=True,
     metavar="PATH_OR_NAME",
-    help="Reference data: an array file, a folder of images, or a built-in name (digits, mnist5k).",
+    help="Reference data: an array file, a folder of images, or a built-in name (digits, mnist5k, photos32).",
 )
 @click.option(
     "--metric",

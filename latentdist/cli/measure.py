@@ -42,7 +42,7 @@ from latentdist.outdir import output_folder
     "--data",
     required=True,
     metavar="PATH_OR_NAME",
-    help="Data: an array file, a folder of images, or a built-in name (digits, mnist5k).",
+    help="Data: an array file, a folder of images, or a built-in name (digits, mnist5k, photos32).",
 )
 @image_options
 @click.option("--arch", metavar="MODULE:FACTORY", help="Architecture for a state-dict encoder.")

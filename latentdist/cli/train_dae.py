@@ -27,7 +27,9 @@ def _ints(text: str | None) -> tuple[int, ...] | None:
 
 @click.command("train-dae", context_settings={**CONTEXT, "show_default": True})
 @click.option(
-    "--data", required=True, help="Built-in name (digits, mnist5k), array file or image folder."
+    "--data",
+    required=True,
+    help="Built-in name (digits, mnist5k, photos32), array file or image folder.",
 )
 @image_options
 @click.option(

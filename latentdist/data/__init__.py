@@ -16,7 +16,7 @@ __all__ = ["BUILTIN", "DataSource", "ImageOptions", "load_data"]
 def load_data(
     spec: str | os.PathLike, *, trust_pickle: bool = False, image: ImageOptions | None = None
 ) -> DataSource:
-    """Load data from a built-in name (``digits``, ``mnist5k``), an array file or an image folder.
+    """Load data from a built-in name (``digits``, ``mnist5k``, ``photos32``), an array file or an image folder.
 
     ``PATH:KEY`` selects one array of an ``.npz``/``.pt``/``.safetensors`` file holding several.
     Arrays of 4 dimensions (N, C, H, W) are treated as images, others as vectors; values are

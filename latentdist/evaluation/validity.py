@@ -145,35 +145,75 @@ def ladder_verdict(dist: Mapping[str, Mapping], floor: Mapping) -> tuple[int, li
     return passes, bad
 
 
-def coupling_warp(
-    z: np.ndarray, seed: int = 0, layers: int = 4, strength: float = 2.0, hidden: int = 32
-) -> np.ndarray:
-    """``z`` (n, d) through a fixed invertible nonlinear map, standardised per coordinate: the
-    same information as ``z`` in coordinates a small generator serves worse.
+class _Coupling(torch.nn.Module):
+    """One affine coupling of ``CouplingWarp``: z_b <- z_b * exp(s(z_a)) + t(z_a), or its inverse."""
+
+    def __init__(self, d: int, first_half: bool, g: torch.Generator, strength: float, hidden: int):
+        super().__init__()
+        half = d // 2
+        self.a0, self.a1, self.b0, self.b1 = (
+            (0, half, half, d) if first_half else (half, d, 0, half)
+        )
+        self.strength = strength
+        da, db = self.a1 - self.a0, self.b1 - self.b0
+        self.register_buffer("w1", torch.randn(da, hidden, generator=g) / da**0.5)
+        self.register_buffer("ws", torch.randn(hidden, db, generator=g) / hidden**0.5)
+        self.register_buffer("wt", torch.randn(hidden, db, generator=g) / hidden**0.5)
+
+    def forward(self, z: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+        za, zb = z[:, self.a0 : self.a1], z[:, self.b0 : self.b1]
+        h = torch.tanh(za @ self.w1 * 2.0)
+        s = 0.5 * self.strength * torch.tanh(h @ self.ws)
+        t = self.strength * (h @ self.wt)
+        zb = (zb - t) * torch.exp(-s) if reverse else zb * torch.exp(s) + t
+        out = z.clone()
+        out[:, self.b0 : self.b1] = zb
+        return out
+
+
+class CouplingWarp(torch.nn.Module):
+    """A fixed invertible nonlinear map of (n, d) vectors: ``forward`` warps, ``inverse`` undoes
+    it exactly (up to float rounding). Scriptable (``torch.jit.script``), so a warped latent can
+    be given to ``compare`` as a TorchScript encoder and decoder pair.
 
     Affine couplings (Dinh et al., ICLR 2017, RealNVP): for layers l = 1..``layers``, with the
     coordinates split in halves (z_a, z_b) that alternate, z_b <- z_b * exp(s(z_a)) + t(z_a),
     s = strength/2 * tanh(h W_s), t = strength * h W_t, h = tanh(2 z_a W_1), with fixed Gaussian
-    weights under ``seed``. Each layer is invertible (z_b = (z_b' - t(z_a)) exp(-s(z_a))), so
-    the warped latent carries exactly the information of ``z``; ``strength`` sets how nonlinear
-    the map is.
+    weights under ``seed``. Each layer is invertible (z_b = (z_b' - t(z_a)) exp(-s(z_a))).
     """
-    g = torch.Generator().manual_seed(seed)
-    out = torch.as_tensor(np.asarray(z, dtype=np.float32)).clone()
-    d = out.shape[1]
-    half = d // 2
-    for layer in range(layers):
-        a, b = (
-            (slice(0, half), slice(half, d)) if layer % 2 == 0 else (slice(half, d), slice(0, half))
+
+    def __init__(
+        self, d: int, seed: int = 0, layers: int = 4, strength: float = 2.0, hidden: int = 32
+    ):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.layers = torch.nn.ModuleList(
+            [_Coupling(d, layer % 2 == 0, g, strength, hidden) for layer in range(layers)]
         )
-        za = out[:, a]
-        da, db = za.shape[1], out[:, b].shape[1]
-        w1 = torch.randn(da, hidden, generator=g) / da**0.5
-        ws = torch.randn(hidden, db, generator=g) / hidden**0.5
-        wt = torch.randn(hidden, db, generator=g) / hidden**0.5
-        h = torch.tanh(za @ w1 * 2.0)
-        out[:, b] = out[:, b] * torch.exp(0.5 * strength * torch.tanh(h @ ws)) + strength * (h @ wt)
-    warped = out.numpy()
+        self.reversed = torch.nn.ModuleList(list(self.layers)[::-1])
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            z = layer(z)
+        return z
+
+    @torch.jit.export
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        for layer in self.reversed:
+            y = layer(y, True)
+        return y
+
+
+def coupling_warp(
+    z: np.ndarray, seed: int = 0, layers: int = 4, strength: float = 2.0, hidden: int = 32
+) -> np.ndarray:
+    """``z`` (n, d) through a fixed invertible nonlinear map (``CouplingWarp``), standardised per
+    coordinate: the same information as ``z`` in coordinates a small generator serves worse.
+    ``strength`` sets how nonlinear the map is.
+    """
+    z = torch.as_tensor(np.asarray(z, dtype=np.float32))
+    with torch.no_grad():
+        warped = CouplingWarp(z.shape[1], seed, layers, strength, hidden)(z).numpy()
     return ((warped - warped.mean(0)) / warped.std(0)).astype(np.float32)
 
 
