@@ -27,10 +27,29 @@ from common import markdown_table, write_result  # noqa: E402
 
 from latentdist import load_data, measure  # noqa: E402
 from latentdist.estimator import MeasureConfig  # noqa: E402
+from latentdist.estimator.fit import minibatch_mmd_loss  # noqa: E402
 from latentdist.stats import mean_ci  # noqa: E402
 
 DEFAULT = (256, MeasureConfig().steps)
 CHEAPER = [(128, 400), (256, 200), (128, 600), (128, 800), (64, 1600)]
+
+
+def loss_cost(batches=(256, 128, 64), members: int = 24, repeats: int = 10) -> list[dict]:
+    """Seconds per step of the mmd fit's loss and gradient (its dominant cost) per batch size,
+    side by side: ``members`` members of 784-d outputs, 3 seed slots, the default kernel."""
+    gammas = [1 / (2 * (a * 8.0) ** 2) for a in (0.25, 0.5, 1.0, 2.0, 4.0)]
+    rows, slot = [], torch.arange(members) % 3
+    for b in batches:
+        fake = torch.randn(members, b, 784, requires_grad=True)
+        real = torch.randn(3, b, 784)
+        minibatch_mmd_loss(fake, real, slot, gammas).sum().backward()  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            minibatch_mmd_loss(fake, real, slot, gammas).sum().backward()
+        rows.append({"batch": b, "loss step ms": 1000 * (time.perf_counter() - t0) / repeats})
+    for r in rows:
+        r["relative to 256"] = r["loss step ms"] / rows[0]["loss step ms"]
+    return rows
 
 
 def main() -> None:
@@ -73,6 +92,7 @@ def main() -> None:
             row[f"c={point['capacity']}"] = f"{mean:.4g} ({m:+.2g} [{lo:+.2g}, {hi:+.2g}]{mark})"
         rows.append(row)
     seeds = MeasureConfig().seeds
+    cost = loss_cost()
     body = (
         f"{'Digits' if args.small else 'MNIST-5k'}, {k}-d PCA latents, mlp capacities "
         f"{list(caps)}, {seeds} seeds, the default fits and selection, proxies off, device cpu. "
@@ -81,6 +101,9 @@ def main() -> None:
         f"interval lies above 0 (a looser bound). fit s: this run's fitting seconds, measured "
         f"one after another in one process (their ratios are the comparison).\n\n"
         + markdown_table(rows)
+        + "\n\nThe mmd fit's loss and gradient per step (24 members, the default sweep's count, "
+        "side by side in this process): what a step costs, whatever else the machine runs.\n\n"
+        + markdown_table(cost)
         + "\n"
     )
     path = write_result(

@@ -390,7 +390,7 @@ def test_train_measure_compare_on_25x25_photos(grey25, tmp_path, capsys, umask02
     assert report["fit_batch_size"] == report["fit_diagnostics"]["train_rows"] < 256
     assert _mode(tmp_path / "m" / "measure.json") == 0o644
 
-    cmp_flags = ["--gen-seeds", "1", "--feature-steps", "5", "--prior-components", "2", "--prior-pca", "4", "--k", "2"]  # fmt: skip
+    cmp_flags = ["--gen-seeds", "1", "--probe-steps", "20", "--feature-steps", "5", "--prior-components", "2", "--prior-pca", "4", "--k", "2"]  # fmt: skip
     code, out, err = run_cli(["compare", str(run), "--data", str(grey25), *flags, *cmp_flags, "--out", str(tmp_path / "c")], capsys)  # fmt: skip
     assert code == 0, err
     written = [p for p in (tmp_path / "c").rglob("*") if p.is_file()]
