@@ -47,7 +47,8 @@ shortened probe (CI); no photographs. ``--jobs J`` trains and compares J encoder
 each process pinned to its own share of the cores (the per-run times then add up to the
 sequential time); every member's CPU seconds are recorded beside its wall seconds (the cost on a
 quiet core when a busy machine stretches the wall time). ``--only`` keeps the named members (to
-check a few). Writes benchmarks/results/predictive[_small].md, .json and .png.
+check a few; with ``--tag T`` its results go to predictive_T.*, beside the whole zoo's). Writes
+benchmarks/results/predictive[_small][_T].md, .json and .png.
 """
 
 from __future__ import annotations
@@ -746,6 +747,7 @@ def main() -> None:
     ap.add_argument("--no-photos", action="store_true", help="skip the photos32 zoo")
     ap.add_argument("--train-only", action="store_true", help="stop after training (with --keep)")
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--tag", default="", help="write predictive[_small]_TAG.* (a partial zoo)")
     args = ap.parse_args()
 
     from latentdist.estimator import MeasureConfig
@@ -844,7 +846,7 @@ def main() -> None:
             "Each signal's rho with the probe's FD on both data sets (photos32 sorted by |rho|; "
             "its zoo is smaller, so its intervals are wider).\n\n" + markdown_table(rows) + "\n"
         )
-    suffix = "_small" if small else ""
+    suffix = ("_small" if small else "") + (f"_{args.tag}" if args.tag else "")
     if not args.no_write:
         from latentdist._io import save_json
 
