@@ -44,9 +44,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_predictive import SMALL_ZOO, shared_features, train_one  # noqa: E402
+from bench_predictive import shared_features, train_one  # noqa: E402
 from common import RESULTS, markdown_table, write_result  # noqa: E402
 
+from latentdist._io import save_json  # noqa: E402
 from latentdist.evaluation.probe import PROBE_RECIPE, ProbeRecipe  # noqa: E402
 
 ZOO = [  # name, changes to bench_predictive.BASE (and mode)
@@ -56,6 +57,7 @@ ZOO = [  # name, changes to bench_predictive.BASE (and mode)
     ("joint-c2", dict(mode="joint", latent_channels=2)),
     ("dae-c8", dict(mode="dae", latent_channels=8)),
 ]
+SMALL_ZOO = ZOO[:3]  # trained with bench_predictive's SMALL_BASE (tiny encoders)
 OLD = ProbeRecipe(steps=1000, sample_steps=32, integrator="euler")  # before this study
 CANDIDATES = {
     "mlp-1k (old)": OLD,
@@ -75,20 +77,10 @@ SMALL_STEPS = 150  # the small version's probe steps (both recipes)
 REPORTED_SEEDS = 3  # compare's default --gen-seeds
 
 
-def probe_runs(folders, data, features, recipes, seeds, cache_dir, image_keys=()):
-    """Per (recipe, encoder): per-seed probe scores and seconds, exactly as compare's probe
-    computes them; cached in ``cache_dir``/probe_cache.json by recipe, encoder and seed."""
-    import torch
-
-    from latentdist.evaluation.compare import (
-        CompareConfig,
-        RunSpec,
-        encode_run,
-        feature_space,
-        flow_sampler,
-        load_inputs,
-        score_prior,
-    )
+def _setup(folders, data, features, cache_dir):
+    """What both measurements share: the results cache (``cache_dir``/probe_cache.json), the
+    runs, compare's settings, its inputs and the feature extractor."""
+    from latentdist.evaluation.compare import CompareConfig, RunSpec, feature_space, load_inputs
 
     cache_path = Path(cache_dir) / "probe_cache.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
@@ -96,6 +88,17 @@ def probe_runs(folders, data, features, recipes, seeds, cache_dir, image_keys=()
     cfg = CompareConfig(features=features, device="cpu").validate()
     inputs = load_inputs(specs, data, cfg)
     extractor, _ = feature_space(inputs, cfg)
+    return cache_path, cache, specs, cfg, inputs, extractor
+
+
+def probe_runs(folders, data, features, recipes, seeds, cache_dir, image_keys=()):
+    """Per (recipe, encoder): per-seed probe scores and seconds, exactly as compare's probe
+    computes them; cached in ``cache_dir``/probe_cache.json by recipe, encoder and seed."""
+    import torch
+
+    from latentdist.evaluation.compare import encode_run, flow_sampler, score_prior
+
+    cache_path, cache, specs, cfg, inputs, extractor = _setup(folders, data, features, cache_dir)
     out: dict = {}
     samples: dict = {}
     for spec in specs:
@@ -127,10 +130,9 @@ def probe_runs(folders, data, features, recipes, seeds, cache_dir, image_keys=()
                 if need_images:
                     samples[spec.name][rname] = fakes[:48].clone()
                     torch.save(samples[spec.name][rname], img)
-                cache_path.write_text(json.dumps(cache))
+                save_json(cache_path, cache)
                 print(f"{rname} {spec.name} seed {seed}: FD {row['fd']:.3f} ({row['s']:.1f} s)")
         del coded
-        torch.set_num_threads(torch.get_num_threads())
     return out, samples, inputs
 
 
@@ -138,23 +140,11 @@ def sampling_noise(folders, data, features, recipe, cache_dir, draws=5, sizes=(5
     """How much of the between-seed spread is sampling alone: per encoder, one flow fitted with
     seed 0, then ``draws`` sampling seeds of each size in ``sizes`` (decoded, scored against the
     held-out rows as ``score_prior`` does); the sd of FD over the draws. Cached like the rest."""
-    from latentdist.evaluation.compare import (
-        CompareConfig,
-        RunSpec,
-        decode,
-        encode_run,
-        feature_space,
-        load_inputs,
-    )
+    from latentdist.evaluation.compare import decode, encode_run
     from latentdist.evaluation.generation import generation_metrics
     from latentdist.evaluation.probe import FlowPrior
 
-    cache_path = Path(cache_dir) / "probe_cache.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    specs = [RunSpec.from_dir(f) for f in folders]
-    cfg = CompareConfig(features=features, device="cpu").validate()
-    inputs = load_inputs(specs, data, cfg)
-    extractor, _ = feature_space(inputs, cfg)
+    cache_path, cache, specs, cfg, inputs, extractor = _setup(folders, data, features, cache_dir)
     rows = []
     for spec in specs:
         key = json.dumps(["sampling", asdict(recipe), spec.name, draws, list(sizes), features])
@@ -171,7 +161,7 @@ def sampling_noise(folders, data, features, recipe, cache_dir, draws=5, sizes=(5
                         float(generation_metrics(coded.x_val, fake, extractor, k=cfg.k)["fd"])
                     )
                 cache[key][str(n)] = fds
-            cache_path.write_text(json.dumps(cache))
+            save_json(cache_path, cache)
         for n, fds in cache[key].items():
             rows.append(
                 {
