@@ -72,6 +72,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, markdown_table, write_result  # noqa: E402
 
 from latentdist.cli.demo import DEMO_TRAIN  # noqa: E402
+from latentdist.stats import bootstrap_draws  # noqa: E402
 
 BASE = {**DEMO_TRAIN, "kl_weight": 1e-4, "checkpoint_every": 0, "log_every": 50, "progress": False}
 # name, changes to BASE (and mode); "linear" marks a non-learned latent (no training)
@@ -405,15 +406,16 @@ def spearman_with_interval(
     if len(x) < 3 or len(set(x.tolist())) < 2 or len(set(y.tolist())) < 2:
         return math.nan, None
     rho = float(spearmanr(x, y).statistic)
-    idx = np.random.default_rng(seed).integers(0, len(x), (n_boot, len(x)))
-    boots = rowwise_spearman(x[idx], y[idx])
+    idx = bootstrap_draws(len(x), n_boot, seed)
+    return rho, percentile_interval(rowwise_spearman(x[idx], y[idx]))
+
+
+def percentile_interval(boots: np.ndarray) -> list[float] | None:
+    """The 95 % percentile interval of the finite bootstrap values (None when there are none)."""
     boots = boots[np.isfinite(boots)]
-    ci = (
-        [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
-        if len(boots)
-        else None
-    )
-    return rho, ci
+    if not len(boots):
+        return None
+    return [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
 
 
 def probe_ceiling(per_seed: np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict:
@@ -424,7 +426,7 @@ def probe_ceiling(per_seed: np.ndarray, n_boot: int = 2000, seed: int = 0) -> di
     n, k = per_seed.shape
     if k < 2 or n < 3:
         return {"r1": math.nan, "ceiling": math.nan, "ci": None, "encoders": n, "seeds": k}
-    idx = np.vstack([np.arange(n), np.random.default_rng(seed).integers(0, n, (n_boot, n))])
+    idx = np.vstack([np.arange(n), bootstrap_draws(n, n_boot, seed)])
     pairs = list(itertools.combinations(range(k), 2))
     rs = np.stack([rowwise_spearman(per_seed[idx, i], per_seed[idx, j]) for i, j in pairs])
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
@@ -432,12 +434,7 @@ def probe_ceiling(per_seed: np.ndarray, n_boot: int = 2000, seed: int = 0) -> di
         r1 = np.nanmean(rs, axis=0)
         r = k * r1 / (1 + (k - 1) * r1)
         top = np.sqrt(np.clip(r, 0.0, None))
-    boots = top[1:][np.isfinite(top[1:])]
-    ci = (
-        [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
-        if len(boots)
-        else None
-    )
+    ci = percentile_interval(top[1:])
     return {"r1": float(r1[0]), "ceiling": float(top[0]), "ci": ci, "encoders": n, "seeds": k}
 
 

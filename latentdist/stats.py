@@ -44,6 +44,6 @@ def half_width(values: np.ndarray, level: float = 0.95, sampled_fraction: float 
 
 
 def bootstrap_draws(n_seeds: int, replicates: int, seed: int) -> np.ndarray:
-    """(replicates, n_seeds) seed indices drawn with replacement: the percentile bootstrap
-    over seeds of the critical and saturation capacities."""
+    """(replicates, n_seeds) indices drawn with replacement: a percentile bootstrap's resamples
+    (over seeds, of the critical and saturation capacities; over latents, in the benchmarks)."""
     return np.random.default_rng(seed).integers(0, n_seeds, (replicates, n_seeds))
