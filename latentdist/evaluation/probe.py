@@ -68,7 +68,7 @@ class ProbeRecipe:
         ema = (
             f"sampling with an EMA of the weights (decay {self.ema:g})"
             if self.ema
-            else ("sampling with the last weights")
+            else "sampling with the last weights"
         )
         return (
             f"rectified flow on per-channel standardised latents: {net}; {self.steps} Adam "
