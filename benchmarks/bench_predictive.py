@@ -41,7 +41,8 @@ beyond digits.
 
 Default: the two zoos above, 600 training steps per encoder; the distance is measured at
 capacities 4, 16, 64 with 150 steps, 3 seeds, n_eval 400 and no extension beyond 64 — cheaper
-than ``measure``'s defaults, so that the study fits 90 minutes on 2 cores with ``--jobs 2``.
+than ``measure``'s defaults, so that the study fits 90 minutes on 2 cores with ``--jobs 2`` (the
+default wherever there are 2 cores or more).
 ``--small``: 4 latents on digits (DAE, joint, PCA-4, PCA-8) with short training and a
 shortened probe (CI); no photographs. ``--jobs J`` trains and compares J encoders at a time,
 each process pinned to its own share of the cores (the per-run times then add up to the
@@ -155,7 +156,8 @@ def train_one(name: str, changes: dict, data: str, steps: int, root: str, small:
     if done.is_file():
         run = json.loads(done.read_text())
         if run.get("finished") and run.get("steps") == steps and run.get("data") == data:
-            return {"name": name, "folder": str(done.parent), "train_s": run["time_s"]}
+            return {"name": name, "folder": str(done.parent), "train_s": run["time_s"],
+                    "reused": True}  # fmt: skip
     mode = changes.get("mode", "dae")
     half = steps // 2
     cfg = TrainConfig(
@@ -292,7 +294,7 @@ def compare_one(folder: str, data: str, features: str, settings: dict) -> dict:
     if saved.is_file():
         run = json.loads(saved.read_text())
         if run.get("bench_key") == key:
-            return run
+            return run | {"reused": True}
     t0, c0 = time.perf_counter(), time.process_time()
     res = compare(
         [run_spec(folder)], data, features=features, device="cpu", progress=False, **settings
@@ -639,6 +641,7 @@ def study(
         "table": table,
         "zoo_rows": zoo_rows,
         "ceiling": probe_ceiling(per_seed),
+        "spread": probe_spread(runs, ["linear" not in c for _, c in zoo]),
         "wall_s": wall,
         "features_s": t_features,
         "sequential_s": t_features
@@ -677,6 +680,35 @@ def describe_times(res: dict) -> dict:
     return out
 
 
+def probe_spread(runs: list[dict], learned: list[bool]) -> dict:
+    """The probe's resolution across the zoo: the spread of its mean FD (max - min over latents)
+    against the median half-width of its per-latent 95 % interval (issue 21's goal: >= 5x), for
+    every latent and for the learned ones (the non-learned include deliberate outliers)."""
+    out = {}
+    for kind, keep in (("all", [True] * len(runs)), ("learned", learned)):
+        fds = [r["probe"]["fd"] for r, k in zip(runs, keep, strict=True) if k]
+        means = np.array([f["mean"] for f in fds], dtype=float)
+        halves = np.array([(f["ci"][1] - f["ci"][0]) / 2 for f in fds if f["ci"]], dtype=float)
+        if len(means) < 2 or not len(halves):
+            continue
+        spread, half = float(means.max() - means.min()), float(np.median(halves))
+        out[kind] = {"latents": len(means), "spread": spread, "median half-width": half,
+                     "ratio": spread / half}  # fmt: skip
+    return out
+
+
+def spread_text(s: dict) -> str:
+    return (
+        "The probe's resolution: "
+        + "; ".join(
+            f"{kind} {v['latents']} latents: FD spread {v['spread']:.3g} = {v['ratio']:.1f}x the "
+            f"median 95% half-width {v['median half-width']:.2g}"
+            for kind, v in s.items()
+        )
+        + " (goal: spread >= 5x the median half-width)."
+    )
+
+
 def ceiling_text(c: dict) -> str:
     ci = "" if c["ci"] is None else f" [{c['ci'][0]:.2f}, {c['ci'][1]:.2f}]"
     return (
@@ -698,6 +730,8 @@ def report_section(res: dict, title: str, known: bool) -> str:
         + markdown_table(res["zoo_rows"])
         + f"\n\n## {title}: Spearman rank correlation of each signal with the probe's FD\n\n"
         + ceiling_text(res["ceiling"])
+        + "\n\n"
+        + spread_text(res["spread"])
         + "\n\nPositive rho: a larger signal goes with a worse (larger) probe FD. Interval: 95% "
         "percentile bootstrap over latents (2000 resamples). Critical capacity 'none' counts "
         "as beyond the sweep (largest rank). "
@@ -735,10 +769,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="4 latents on digits, short (CI)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per encoder")
-    ap.add_argument("--jobs", type=int, default=1, help="encoders processed at a time")
     ap.add_argument(
-        "--cores-per-job", type=int, default=1, help="cores pinned to each job when --jobs > 1"
-    )
+        "--jobs", type=int, default=None, help="encoders processed at a time (default: 2 where "
+        "there are 2 cores or more: the budget's setting)"
+    )  # fmt: skip
+    ap.add_argument(
+        "--cores-per-job", type=int, default=None,
+        help="cores pinned to each job when --jobs > 1 (default: the cores shared out)",
+    )  # fmt: skip
     ap.add_argument("--keep", default=None, help="keep (and reuse) the runs in this folder")
     ap.add_argument("--only", default=None, help="comma-separated zoo members (checks)")
     ap.add_argument("--no-photos", action="store_true", help="skip the photos32 zoo")
@@ -773,8 +811,10 @@ def main() -> None:
     )
     feature_steps = 100 if small else 300
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    jobs = max(1, min(args.jobs, len(zoo)))
-    per_job = max(1, (cores or 1) // jobs) if jobs == 1 else args.cores_per_job
+    jobs = max(1, min(args.jobs or min(2, cores or 1), len(zoo)))
+    per_job = (
+        args.cores_per_job if jobs > 1 and args.cores_per_job else max(1, (cores or 1) // jobs)
+    )
     if jobs > 1 and jobs * per_job > (cores or 1):
         sys.exit(f"--jobs {jobs} x --cores-per-job {per_job} exceeds the {cores} cores")
     t_start = time.perf_counter()
@@ -797,6 +837,16 @@ def main() -> None:
     sequential = sum(r["sequential_s"] for r in results.values())
     times = {k: describe_times(r) for k, r in results.items()}
     probe_times = [probe_seconds(r) for res in results.values() for r in res["runs"]]
+    runs_all = [r for res in results.values() for r in res["runs"]]
+    trained_all = [t for res in results.values() for t in res["trained"]]
+    reused = (
+        f" Reused from `--keep`: {sum(bool(t.get('reused')) for t in trained_all)} of "
+        f"{len(trained_all)} trainings and {sum(bool(r.get('reused')) for r in runs_all)} of "
+        f"{len(runs_all)} compares (their recorded times count in the sum; the wall time is "
+        "this invocation's)."
+        if any(r.get("reused") for r in runs_all + trained_all)
+        else ""
+    )
     body = (
         f"Zoo on `{data}`: {len(zoo)} latents"
         + (f"; second zoo on `photos32`: {len(photo_zoo)} latents" if photo_zoo else "")
@@ -811,7 +861,7 @@ def main() -> None:
         f"{first['runs'][0]['settings']['probe_settings']['continuous']}; "
         f"{settings['gen_seeds']} generation (and probe) seeds.\n\n"
         f"Time: {wall / 60:.1f} min wall with {jobs} job(s) of {per_job} core(s); "
-        f"{sequential / 60:.1f} min summed over jobs. Probe time per run: median "
+        f"{sequential / 60:.1f} min summed over jobs.{reused} Probe time per run: median "
         f"{np.median(probe_times):.0f} s (min {min(probe_times):.0f}, max {max(probe_times):.0f})."
         " Median per-member times: "
         + "; ".join(
@@ -864,6 +914,7 @@ def main() -> None:
                     "signals": r["table"],
                     "zoo": r["zoo_rows"],
                     "ceiling": r["ceiling"],
+                    "spread": r["spread"],
                     "times": times[k],
                     "wall_s": r["wall_s"],
                 }
