@@ -615,7 +615,7 @@ def study(
     zoo_rows = []
     for (name, changes), t, r in zip(zoo, trained, runs, strict=True):
         p, g = r["probe"], r["generation"]
-        half = (p["fd"]["ci"][1] - p["fd"]["ci"][0]) / 2 if p["fd"]["ci"] else math.nan
+        half = half_width(p["fd"]["ci"])
         zoo_rows.append(
             {
                 "encoder": name,
@@ -680,6 +680,11 @@ def describe_times(res: dict) -> dict:
     return out
 
 
+def half_width(ci: list[float] | None) -> float:
+    """Half the width of an interval; NaN where there is none."""
+    return (ci[1] - ci[0]) / 2 if ci else math.nan
+
+
 def probe_spread(runs: list[dict], learned: list[bool]) -> dict:
     """The probe's resolution across the zoo: the spread of its mean FD (max - min over latents)
     against the median half-width of its per-latent 95 % interval (issue 21's goal: >= 5x), for
@@ -688,7 +693,8 @@ def probe_spread(runs: list[dict], learned: list[bool]) -> dict:
     for kind, keep in (("all", [True] * len(runs)), ("learned", learned)):
         fds = [r["probe"]["fd"] for r, k in zip(runs, keep, strict=True) if k]
         means = np.array([f["mean"] for f in fds], dtype=float)
-        halves = np.array([(f["ci"][1] - f["ci"][0]) / 2 for f in fds if f["ci"]], dtype=float)
+        halves = np.array([half_width(f["ci"]) for f in fds], dtype=float)
+        halves = halves[np.isfinite(halves)]
         if len(means) < 2 or not len(halves):
             continue
         spread, half = float(means.max() - means.min()), float(np.median(halves))
@@ -836,8 +842,8 @@ def main() -> None:
     m0 = first["runs"][0]["measure"]
     sequential = sum(r["sequential_s"] for r in results.values())
     times = {k: describe_times(r) for k, r in results.items()}
-    probe_times = [probe_seconds(r) for res in results.values() for r in res["runs"]]
     runs_all = [r for res in results.values() for r in res["runs"]]
+    probe_times = [probe_seconds(r) for r in runs_all]
     trained_all = [t for res in results.values() for t in res["trained"]]
     reused = (
         f" Reused from `--keep`: {sum(bool(t.get('reused')) for t in trained_all)} of "
