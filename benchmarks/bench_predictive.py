@@ -147,7 +147,7 @@ def train_one(name: str, changes: dict, data: str, steps: int, root: str, small:
     ``linear_pair``); returns its folder and time.
 
     A finished run of the same steps already in the folder (``--keep``) is reused, with the
-    training time its run.json recorded."""
+    training times recorded beside it (bench_train.json; run.json's wall time if absent)."""
     if "linear" in changes:
         return linear_pair(name, changes, data, root)
     from latentdist.dae import TrainConfig, train
@@ -156,8 +156,10 @@ def train_one(name: str, changes: dict, data: str, steps: int, root: str, small:
     if done.is_file():
         run = json.loads(done.read_text())
         if run.get("finished") and run.get("steps") == steps and run.get("data") == data:
+            times = done.parent / "bench_train.json"
+            recorded = json.loads(times.read_text()) if times.is_file() else {}
             return {"name": name, "folder": str(done.parent), "train_s": run["time_s"],
-                    "reused": True}  # fmt: skip
+                    **recorded, "reused": True}  # fmt: skip
     mode = changes.get("mode", "dae")
     half = steps // 2
     cfg = TrainConfig(
@@ -169,14 +171,13 @@ def train_one(name: str, changes: dict, data: str, steps: int, root: str, small:
         overwrite=True,
         **{**(SMALL_BASE if small else BASE), **changes},
     )
+    from latentdist._io import save_json
+
     t0, c0 = time.perf_counter(), time.process_time()
     train(cfg)
-    return {
-        "name": name,
-        "folder": cfg.out,
-        "train_s": time.perf_counter() - t0,
-        "train_cpu_s": time.process_time() - c0,
-    }
+    times = {"train_s": time.perf_counter() - t0, "train_cpu_s": time.process_time() - c0}
+    save_json(Path(cfg.out) / "bench_train.json", times)
+    return {"name": name, "folder": cfg.out, **times}
 
 
 def _linear_modules():
@@ -398,9 +399,11 @@ def rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def spearman_with_interval(
     x: np.ndarray, y: np.ndarray, n_boot: int = 2000, seed: int = 0
 ) -> tuple[float, list[float] | None]:
-    """Spearman's rho of (x, y) and its 95 % percentile bootstrap interval over resampled pairs
-    (resamples in which either variable is constant are skipped). The resamples' rho are
-    computed at once: Pearson's correlation of average ranks, which is Spearman's rho."""
+    """Spearman's rho of (x, y) and its 95 % percentile bootstrap interval over resampled pairs.
+    The resamples' rho are computed at once: Pearson's correlation of average ranks, which is
+    Spearman's rho. A resample in which either variable is constant has no rho; when more than
+    5 % of them have none (a heavily tied signal, e.g. a critical capacity that one latent alone
+    sets apart), the rest are a biased subset, so no interval is reported."""
     from scipy.stats import spearmanr
 
     ok = ~(np.isnan(x) | np.isnan(y))
@@ -409,7 +412,10 @@ def spearman_with_interval(
         return math.nan, None
     rho = float(spearmanr(x, y).statistic)
     idx = bootstrap_draws(len(x), n_boot, seed)
-    return rho, percentile_interval(rowwise_spearman(x[idx], y[idx]))
+    boots = rowwise_spearman(x[idx], y[idx])
+    if np.mean(~np.isfinite(boots)) > 0.05:
+        return rho, None
+    return rho, percentile_interval(boots)
 
 
 def percentile_interval(boots: np.ndarray) -> list[float] | None:
@@ -641,6 +647,7 @@ def study(
         "table": table,
         "zoo_rows": zoo_rows,
         "ceiling": probe_ceiling(per_seed),
+        "ceiling_learned": probe_ceiling(per_seed[["linear" not in c for _, c in zoo]]),
         "spread": probe_spread(runs, ["linear" not in c for _, c in zoo]),
         "wall_s": wall,
         "features_s": t_features,
@@ -715,8 +722,33 @@ def spread_text(s: dict) -> str:
     )
 
 
-def ceiling_text(c: dict) -> str:
+def first_run_text(keep: str, wall: float, jobs: int, per_job: int, reused: bool) -> str:
+    """The wall time of the first whole run into a ``--keep`` folder, which a later run that
+    reuses it would otherwise lose: recorded (``first_run.json``) by a run that reused nothing,
+    quoted by one that did."""
+    from datetime import datetime, timezone
+
+    from latentdist._io import save_json
+
+    path = Path(keep) / "first_run.json"
+    if not reused:
+        record = {"wall_s": wall, "jobs": jobs, "cores_per_job": per_job,
+                  "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+        save_json(path, record)
+        return ""
+    if not path.exists():
+        return ""
+    r = json.loads(path.read_text())
+    return (
+        f" The first whole run into this folder took {r['wall_s'] / 60:.1f} min wall with "
+        f"{r['jobs']} job(s) of {r['cores_per_job']} core(s) ({r['date'][:10]})."
+    )
+
+
+def ceiling_text(c: dict, short: bool = False) -> str:
     ci = "" if c["ci"] is None else f" [{c['ci'][0]:.2f}, {c['ci'][1]:.2f}]"
+    if short:
+        return f"{c['encoders']} latents, r1 = {c['r1']:.2f}, ceiling **{c['ceiling']:.2f}**{ci}."
     return (
         f"The probe's ceiling: single-seed probe FDs agree across the {c['encoders']} latents "
         f"with Spearman r1 = {c['r1']:.2f} (mean over pairs of its {c['seeds']} seeds); for the "
@@ -736,6 +768,11 @@ def report_section(res: dict, title: str, known: bool) -> str:
         + markdown_table(res["zoo_rows"])
         + f"\n\n## {title}: Spearman rank correlation of each signal with the probe's FD\n\n"
         + ceiling_text(res["ceiling"])
+        + (
+            " Among the learned latents alone: " + ceiling_text(res["ceiling_learned"], short=True)
+            if 3 <= res["ceiling_learned"]["encoders"] < res["ceiling"]["encoders"]
+            else ""
+        )
         + "\n\n"
         + spread_text(res["spread"])
         + "\n\nPositive rho: a larger signal goes with a worse (larger) probe FD. Interval: 95% "
@@ -845,14 +882,17 @@ def main() -> None:
     runs_all = [r for res in results.values() for r in res["runs"]]
     probe_times = [probe_seconds(r) for r in runs_all]
     trained_all = [t for res in results.values() for t in res["trained"]]
+    any_reused = any(r.get("reused") for r in runs_all + trained_all)
     reused = (
         f" Reused from `--keep`: {sum(bool(t.get('reused')) for t in trained_all)} of "
         f"{len(trained_all)} trainings and {sum(bool(r.get('reused')) for r in runs_all)} of "
         f"{len(runs_all)} compares (their recorded times count in the sum; the wall time is "
-        "this invocation's)."
-        if any(r.get("reused") for r in runs_all + trained_all)
+        "this invocation's)." + first_run_text(args.keep, wall, jobs, per_job, any_reused)
+        if any_reused
         else ""
     )
+    if args.keep and not any_reused:
+        first_run_text(args.keep, wall, jobs, per_job, any_reused)
     body = (
         f"Zoo on `{data}`: {len(zoo)} latents"
         + (f"; second zoo on `photos32`: {len(photo_zoo)} latents" if photo_zoo else "")
@@ -920,6 +960,7 @@ def main() -> None:
                     "signals": r["table"],
                     "zoo": r["zoo_rows"],
                     "ceiling": r["ceiling"],
+                    "ceiling_learned": r["ceiling_learned"],
                     "spread": r["spread"],
                     "times": times[k],
                     "wall_s": r["wall_s"],
