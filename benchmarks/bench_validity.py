@@ -290,7 +290,7 @@ def _view(report: dict, key: str | None) -> dict:
     }
 
 
-def v3(small: bool, fits: list[str], capacities: tuple, steps: int | None) -> tuple[str, dict]:
+def v3(small: bool, fits: list[str], capacities: tuple, fit: dict) -> tuple[str, dict]:
     """The default measurement (its selected bound and each fit's own value inside it), then
     every fit in ``fits`` on its own: selection off, so from its own initialisation, with no
     warm start and no paired fit beside it."""
@@ -309,7 +309,7 @@ def v3(small: bool, fits: list[str], capacities: tuple, steps: int | None) -> tu
                 z, x, generator="mlp", seeds=3,
                 **({"capacities": capacities} if capacities else {}),
                 n_eval=n_eval, proxies=False, progress=False,
-                **({"steps": steps} if steps else {}), **settings,
+                **fit, **settings,
             ).report  # fmt: skip
         first = reports["z* (8-d)"]
         views = [(None, f"fit={first['fit']}, selection off")]
@@ -364,7 +364,7 @@ def v3(small: bool, fits: list[str], capacities: tuple, steps: int | None) -> tu
 # ---------------------------------------------------------------- V4 nested PCA latents
 
 
-def v4(small: bool, capacities: tuple | None, steps: int | None) -> tuple[str, dict]:
+def v4(small: bool, capacities: tuple | None, fit: dict) -> tuple[str, dict]:
 
     source = ld.load_data("mnist5k")
     x = source.take().numpy()
@@ -379,7 +379,7 @@ def v4(small: bool, capacities: tuple | None, steps: int | None) -> tuple[str, d
             z, x, generator="mlp", seeds=3, proxies=False, progress=False,
             n_eval=400 if small else None,
             **({"capacities": capacities} if capacities else {}),
-            **({"steps": steps} if steps else {}),
+            **fit,
         ).report  # fmt: skip
     r2 = reports[2]
     sampled = r2["n_eval"] / r2["data"]["rows"]
@@ -770,7 +770,7 @@ def v7(small: bool, critic: bool = False) -> tuple[str, list[str]]:
 # ---------------------------------------------------------------- V8 warped latent
 
 
-def v8(small: bool, steps: int | None) -> tuple[str, bool]:
+def v8(small: bool, fit: dict) -> tuple[str, bool]:
     """PCA-8 of MNIST (standardised) and the same scores through ``coupling_warp``; paired
     D_c(warped) - D_c(plain) with the default family and sweep (same rows, seeds, judges)."""
     x = ld.load_data("mnist5k").take()
@@ -781,8 +781,7 @@ def v8(small: bool, steps: int | None) -> tuple[str, bool]:
     settings = dict(seeds=3, proxies=False, progress=False, device="cpu")
     if small:
         settings.update(capacities=(2, 8, 32), n_eval=400)
-    if steps:
-        settings["steps"] = steps
+    settings.update(fit)
     plain = ld.measure(z, x, **settings).report
     warped = ld.measure(coupling_warp(z), x, **settings).report
     paired = paired_difference(warped, plain)
@@ -809,7 +808,8 @@ def v8(small: bool, steps: int | None) -> tuple[str, bool]:
     flat_text += "."
     text = (
         "## V8 same information, different complexity (PCA-8 vs warped PCA-8, MNIST-5k)\n\n"
-        f"generator {plain['generator']}, {plain['config']['steps']} steps, 3 seeds, n_eval "
+        f"generator {plain['generator']}, {plain['config']['steps']} steps of batch "
+        f"{plain['config'].get('batch_size') or 'default'}, 3 seeds, n_eval "
         f"{plain['n_eval']}; floor {cell(plain['floor'])}. "
         f"{'PASS' if ok else 'FAIL'}: warped above plain beyond the paired interval at small "
         f"capacity; gap at the largest capacity {diff[-1]['mean']:.3g} vs its peak "
@@ -834,7 +834,13 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated checks, e.g. V2,V4 (the other "
                     "sections of the results file are kept)")  # fmt: skip
     ap.add_argument("--seeds", type=int, default=None, help="V2 seeds")
-    ap.add_argument("--steps", type=int, default=None, help="V3/V4 fit steps (default: measure's)")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="V3/V4/V8 fit steps (default: measure's)"
+    )
+    ap.add_argument(
+        "--batch-size", type=int, default=None, help="V3/V4/V8 fit batch (default: measure's)"
+    )
+    ap.add_argument("--tag", default="", help="write validity[_small]_TAG.md (other settings)")
     ap.add_argument(
         "--columns", default=None, help="V2/V5 metric columns (labels, comma-separated)"
     )
@@ -848,6 +854,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    fit = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v}
     only = set((args.only or "V1,V2,V3,V4,V5,V6,V7,V8").upper().split(","))
     if args.small:
         only.discard("V6")  # DAE vs joint at small size: bench_quality --small
@@ -891,7 +898,7 @@ def main() -> None:
         if args.fits is not None:  # "" : the default run alone
             fits = [f for f in args.fits.split(",") if f]
         caps = (8, 32) if args.small else None  # None: the default sweep
-        text, verdicts = v3(args.small, fits, caps, args.steps)
+        text, verdicts = v3(args.small, fits, caps, fit)
         add(
             "V3",
             text,
@@ -900,7 +907,7 @@ def main() -> None:
         )
     if "V4" in only:
         t0 = time.perf_counter()
-        text, verdicts = v4(args.small, (8, 32) if args.small else None, args.steps)
+        text, verdicts = v4(args.small, (8, 32) if args.small else None, fit)
         add("V4", text, [f"default: {'pass' if verdicts['default'][0] else 'fail'}"], t0)
     if "V5" in only:
         t0 = time.perf_counter()
@@ -914,12 +921,12 @@ def main() -> None:
         add("V7", text, lines, t0)
     if "V8" in only:
         t0 = time.perf_counter()
-        text, ok = v8(args.small, args.steps)
+        text, ok = v8(args.small, fit)
         add("V8", text, [f"default: {'pass' if ok else 'fail'}"], t0)
     print(f"bench_validity: {time.perf_counter() - t_all:.0f} s", flush=True)
     if args.no_write:
         return
-    name = "validity" + ("_small" if args.small else "")
+    name = "validity" + ("_small" if args.small else "") + (f"_{args.tag}" if args.tag else "")
     old_path = RESULTS / f"{name}.md"
     old = old_path.read_text() if args.only and old_path.exists() else ""
     if args.columns and "V2" in sections and old:  # a rerun of some columns: merge them in
