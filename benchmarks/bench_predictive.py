@@ -639,6 +639,7 @@ def study(
             }
         )
     per_seed = np.array([r["probe"]["fd"]["per_seed"] for r in runs], dtype=float)
+    learned = ["linear" not in c for _, c in zoo]
     return {
         "data": data,
         "zoo": zoo,
@@ -647,8 +648,8 @@ def study(
         "table": table,
         "zoo_rows": zoo_rows,
         "ceiling": probe_ceiling(per_seed),
-        "ceiling_learned": probe_ceiling(per_seed[["linear" not in c for _, c in zoo]]),
-        "spread": probe_spread(runs, ["linear" not in c for _, c in zoo]),
+        "ceiling_learned": probe_ceiling(per_seed[np.array(learned, dtype=bool)]),
+        "spread": probe_spread(runs, learned),
         "wall_s": wall,
         "features_s": t_features,
         "sequential_s": t_features
@@ -722,20 +723,21 @@ def spread_text(s: dict) -> str:
     )
 
 
-def first_run_text(keep: str, wall: float, jobs: int, per_job: int, reused: bool) -> str:
-    """The wall time of the first whole run into a ``--keep`` folder, which a later run that
-    reuses it would otherwise lose: recorded (``first_run.json``) by a run that reused nothing,
-    quoted by one that did."""
+def record_first_run(keep: str, wall: float, jobs: int, per_job: int) -> None:
+    """Record (``first_run.json``) the wall time of a run into a ``--keep`` folder that reused
+    nothing: a later run that reuses the folder would otherwise lose it."""
     from datetime import datetime, timezone
 
     from latentdist._io import save_json
 
+    record = {"wall_s": wall, "jobs": jobs, "cores_per_job": per_job,
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+    save_json(Path(keep) / "first_run.json", record)
+
+
+def first_run_text(keep: str) -> str:
+    """The sentence quoting ``record_first_run``'s record; empty where there is none."""
     path = Path(keep) / "first_run.json"
-    if not reused:
-        record = {"wall_s": wall, "jobs": jobs, "cores_per_job": per_job,
-                  "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
-        save_json(path, record)
-        return ""
     if not path.exists():
         return ""
     r = json.loads(path.read_text())
@@ -887,12 +889,12 @@ def main() -> None:
         f" Reused from `--keep`: {sum(bool(t.get('reused')) for t in trained_all)} of "
         f"{len(trained_all)} trainings and {sum(bool(r.get('reused')) for r in runs_all)} of "
         f"{len(runs_all)} compares (their recorded times count in the sum; the wall time is "
-        "this invocation's)." + first_run_text(args.keep, wall, jobs, per_job, any_reused)
+        "this invocation's)." + first_run_text(args.keep)
         if any_reused
         else ""
     )
     if args.keep and not any_reused:
-        first_run_text(args.keep, wall, jobs, per_job, any_reused)
+        record_first_run(args.keep, wall, jobs, per_job)
     body = (
         f"Zoo on `{data}`: {len(zoo)} latents"
         + (f"; second zoo on `photos32`: {len(photo_zoo)} latents" if photo_zoo else "")
