@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -100,6 +101,8 @@ def main() -> None:
         help="also time the full default sweep with these fit settings, e.g. 600x128",
     )
     args = ap.parse_args()
+    if args.candidate and not re.fullmatch(r"[1-9]\d*x[1-9]\d*", args.candidate):
+        ap.error(f"--candidate {args.candidate}: expected STEPSxBATCH, e.g. 600x128")
     device = torch.device(args.device)
     data = load_data("mnist5k")
     x = data.take()
