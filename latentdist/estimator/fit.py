@@ -143,21 +143,34 @@ def minibatch_ot_loss(
     return _Envelope.apply(fake, value, grad.reshape(fake.shape).to(fake.dtype))
 
 
-def _kernel_and_slope(
-    a: torch.Tensor, c: torch.Tensor, gammas: Sequence[float]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """K_ij = mean_s exp(-g_s d_ij^2) and K'_ij = mean_s (-2 g_s) exp(-g_s d_ij^2), batched."""
-    a_sq, c_sq = a.square().sum(-1), c.square().sum(-1)
-    d2 = torch.baddbmm(a_sq[..., :, None] + c_sq[..., None, :], a, c.transpose(-1, -2), alpha=-2)
-    d2.clamp_min_(0)
-    k, slope = torch.zeros_like(d2), torch.zeros_like(d2)
+def _sq_dists(a: torch.Tensor, a_sq: torch.Tensor, c: torch.Tensor, c_sq: torch.Tensor):
+    """(M, B, B') squared distances from batched rows and their squared norms: one GEMM each."""
+    d2 = torch.baddbmm(a_sq[..., :, None] + c_sq[..., None, :], a, c.mT, alpha=-2)
+    return d2.clamp_min_(0)
+
+
+def _kernel_sum_and_slope(
+    d2: torch.Tensor, gammas: Sequence[float], *, within: bool, slope: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """sum_ij K_ij (M,) and K'_ij (M, B, B') for K = mean_s exp(-g_s d2), K' = dK/d(d2).
+
+    ``within``: ``d2`` is within one sample, and its diagonal (i = j) is left out of both, as
+    the unbiased estimate leaves it out. The sum is taken scale by scale, never forming K.
+    """
+    total = d2.new_zeros(d2.shape[0])
+    k_slope = torch.zeros_like(d2) if slope else None
+    e = torch.empty_like(d2)
     for g in gammas:
         # exp(-87) is near float32's smallest normal: below it exp returns denormals, which the
         # CPU computes many times slower; the clamp changes a kernel value by less than 1e-37
-        e = torch.mul(d2, -g).clamp_min_(-87.0).exp_()
-        k.add_(e)
-        slope.add_(e, alpha=-2 * g)
-    return k.div_(len(gammas)), slope.div_(len(gammas))
+        torch.mul(d2, -g, out=e).clamp_min_(-87.0).exp_()
+        if within:
+            e.diagonal(dim1=-2, dim2=-1).zero_()
+        total += e.sum((-1, -2))
+        if k_slope is not None:
+            k_slope.add_(e, alpha=-2 * g)
+    n = len(gammas)
+    return total.div_(n), None if k_slope is None else k_slope.div_(n)
 
 
 def minibatch_mmd_loss(
@@ -175,21 +188,24 @@ def minibatch_mmd_loss(
     f = fake.detach().flatten(2).float()
     r = real.flatten(2).float()
     with torch.no_grad():
-        k_ff, s_ff = _kernel_and_slope(f, f, gammas)
-        k_ff.diagonal(dim1=-2, dim2=-1).zero_()
-        s_ff.diagonal(dim1=-2, dim2=-1).zero_()
-        k_rr, _ = _kernel_and_slope(r, r, gammas)
-        k_rr.diagonal(dim1=-2, dim2=-1).zero_()
-        r_m = r.index_select(0, slot)
-        k_fr, s_fr = _kernel_and_slope(f, r_m, gammas)
-        pairs = b * (b - 1)
-        value = (
-            k_ff.sum((-1, -2)) / pairs
-            + (k_rr.sum((-1, -2)) / pairs)[slot]
-            - 2 * k_fr.mean((-1, -2))
+        f_sq = torch.linalg.vector_norm(f, dim=-1).square_()
+        r_sq = torch.linalg.vector_norm(r, dim=-1).square_()
+        k_ff, s_ff = _kernel_sum_and_slope(_sq_dists(f, f_sq, f, f_sq), gammas, within=True)
+        k_rr, _ = _kernel_sum_and_slope(
+            _sq_dists(r, r_sq, r, r_sq), gammas, within=True, slope=False
         )
-        grad = (2 / pairs) * (s_ff.sum(-1, keepdim=True) * f - torch.bmm(s_ff, f))
-        grad -= (2 / b**2) * (s_fr.sum(-1, keepdim=True) * f - torch.bmm(s_fr, r_m))
+        r_m = r.index_select(0, slot)
+        d2_fr = _sq_dists(f, f_sq, r_m, r_sq[slot])
+        k_fr, s_fr = _kernel_sum_and_slope(d2_fr, gammas, within=False)
+        del d2_fr
+        pairs = b * (b - 1)
+        value = k_ff / pairs + (k_rr / pairs)[slot] - 2 * k_fr / b**2
+        # f_i (a_i - c_i) - a sum_j K'_ff(i,j) f_j + c sum_j K'_fr(i,j) r_j, with a, c the two
+        # terms' weights and a_i, c_i the kernels' row sums: two GEMMs accumulating in place
+        a, c = 2 / pairs, 2 / b**2
+        rows = s_ff.sum(-1).mul_(a).sub_(s_fr.sum(-1), alpha=c)
+        grad = torch.baddbmm(f * rows[..., None], s_ff, f, alpha=-a)
+        grad.baddbmm_(s_fr, r_m, alpha=c)
     return _Envelope.apply(fake, value, grad.reshape(fake.shape).to(fake.dtype))
 
 
