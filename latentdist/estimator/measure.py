@@ -213,13 +213,13 @@ def _sweep(
     caps, todo, judges = [], list(cfg.capacities) or [None], {}
     fitted: dict[str, dict] = {f: {"final_loss": [], "plan": None} for f in fits}
     curve_data: dict = {}
-    paired_start = None
+    paired_start, linear_starts = None, {}
     while todo:
         tag = f"-c{todo[0]}" if caps else ""  # checkpoint slots of an extension's fits
         with _phase(*phase, "fit"):
             part, start = fit_all(
                 cfg, fits, todo, rows.seeds, rows.splits, rows.z, rows.x, shapes, device,
-                progress, kept, tag,
+                progress, kept, tag, linear_starts,
             )  # fmt: skip
         below = curve_data[caps[-1]] if caps else None
         with _phase(*phase, "evaluate"):

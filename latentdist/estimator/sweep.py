@@ -64,10 +64,13 @@ def fit_all(
     progress: bool,
     checkpoints: Checkpoints | None = None,
     tag: str = "",
+    linear_starts: dict | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
     """Every fit of the sweep, the paired one first when it runs (it starts the others):
     ({fit: fitted sweep}, the paired start or None). ``checkpoints``: where each fitting
-    loop keeps its state, to resume from (``fit.fit_ensemble``), in slots named with ``tag``."""
+    loop keeps its state, to resume from (``fit.fit_ensemble``), in slots named with ``tag``.
+    ``linear_starts``: the linear starts fitted so far (``fit_members``), kept across the
+    rounds of an extended sweep, whose fitting rows and settings are the same."""
     # the mmd fit's kernel width, from fitting rows (1.0 is unused by the other fits)
     bandwidth = median_bandwidth(x_all[splits[0].train_x[:2000]]) if "mmd" in fits else 1.0
     rows = (  # on the fitting device once, for every fit
@@ -94,6 +97,7 @@ def fit_all(
             start=paired_start["start"] if paired_start and f != "paired" else None,
             checkpoints=checkpoints,
             tag=f + tag,
+            linear_starts=linear_starts,
         )
     return fitted, paired_start
 
@@ -112,6 +116,7 @@ def fit_sweep(
     start: dict[str, Any] | None = None,
     checkpoints: Checkpoints | None = None,
     tag: str | None = None,
+    linear_starts: dict | None = None,
 ) -> dict[str, Any]:
     """``fit_members`` with its members split across the ranks of an active group
     (``sharding``); the same dictionary, with every member, on every rank. ``start``: a fitted
@@ -121,7 +126,10 @@ def fit_sweep(
     args = (fit, cfg, caps, seeds, rows, latent_shape, data_shape, device, bandwidth)
     group = parallel.current()
     if group is None:
-        return fit_members(*args, progress, start=start, checkpoints=checkpoints, tag=tag)
+        return fit_members(
+            *args, progress, start=start, checkpoints=checkpoints, tag=tag,
+            linear_starts=linear_starts,
+        )  # fmt: skip
     plan = sharding.plan_members(cfg, caps, len(seeds), group.world_size, latent_shape, data_shape)
     mine = plan[group.rank]
 
@@ -130,7 +138,7 @@ def fit_sweep(
             return {"members": {}, "linear": {}}
         res = fit_members(
             *args, progress and group.is_main, start=start, members=mine,
-            checkpoints=checkpoints, tag=f"{tag}-rank{group.rank}",
+            checkpoints=checkpoints, tag=f"{tag}-rank{group.rank}", linear_starts=linear_starts,
         )  # fmt: skip
         ens, index = res["ensemble"], res["index"]
         return {
@@ -178,6 +186,7 @@ def fit_members(
     members: list[tuple[int | None, int]] | None = None,
     checkpoints: Checkpoints | None = None,
     tag: str = "",
+    linear_starts: dict | None = None,
 ) -> dict[str, Any]:
     """Fit one generator per (capacity, seed) with ``fit``, all members at once.
 
@@ -187,6 +196,8 @@ def fit_members(
     (``fit_linear_starts``). ``members``: only these (capacity, seed slot) pairs, in capacity
     order (a rank's share under torchrun, see ``sharding``); default all. ``checkpoints``: the
     fitting loops' slots ``fit-{tag}`` and ``fit-{tag}-linear`` (resumed when they hold a state).
+    ``linear_starts``: linear starts already fitted, by (fit, seed slots); the ones this call
+    fits are added (the same fit of the same rows gives the same maps, so none is refitted).
     """
     sweep = [(c, i) for c in caps for i in range(len(seeds))]
     subset = None if members is None else (len(sweep), [sweep.index(m) for m in members])
@@ -211,12 +222,7 @@ def fit_members(
         cfg.depth,
         bucket_ratio=default_bucket_ratio(device),
     ).to(device)
-    started = set()
-    if start is not None:  # the member of the same (capacity, seed slot), where it is given
-        for m, key in enumerate(members):
-            if key in start["index"]:
-                ensemble.load_member(m, start["ensemble"].export(start["index"][key]))
-                started.add(m)
+    started = _load_starts(ensemble, members, start)
     rest = [m for m in range(len(members)) if m not in started]
     linear = None
     if rest and cfg.generator == "mlp" and cfg.select:
@@ -224,6 +230,7 @@ def fit_members(
         linear = fit_linear_starts(
             cfg, lin_slots, seeds, rows, (latent_shape, data_shape), settings, progress, subset,
             None if checkpoints is None else checkpoints.slot(f"fit-{tag}-linear"),
+            linear_starts,
         )  # fmt: skip
         for m in rest:
             ensemble.load_member(m, embed_linear(linear[member_slot[m]], ensemble.export(m)))
@@ -244,6 +251,17 @@ def fit_members(
     return {"ensemble": ensemble, "index": index, "linear": linear, **info}
 
 
+def _load_starts(ensemble: GeneratorEnsemble, members: list, start: dict | None) -> set[int]:
+    """Load each member that ``start`` (another fit's sweep) holds at the same (capacity, seed
+    slot) into ``ensemble``; returns the positions loaded."""
+    started = set()
+    for m, key in enumerate(members if start is not None else []):
+        if key in start["index"]:
+            ensemble.load_member(m, start["ensemble"].export(start["index"][key]))
+            started.add(m)
+    return started
+
+
 def fit_linear_starts(
     cfg: MeasureConfig,
     slots: list[int],
@@ -254,9 +272,14 @@ def fit_linear_starts(
     progress: bool,
     subset: tuple | None,
     checkpoint: Slot | None = None,
+    fitted: dict | None = None,
 ) -> list[torch.nn.Module | None]:
     """The linear generator of each seed slot in ``slots``, fitted by the same fit (at the
-    linear family's learning rate): per slot, the start of every MLP member of that slot."""
+    linear family's learning rate): per slot, the start of every MLP member of that slot.
+    ``fitted``: starts fitted before, by (fit, slots), taken from there and added to it."""
+    key = (settings.fit, tuple(slots))
+    if fitted is not None and key in fitted:
+        return fitted[key]
     z_dev, x_dev, train_z, train_x = rows
     lin = GeneratorEnsemble(
         "linear",
@@ -282,6 +305,8 @@ def fit_linear_starts(
     linear: list[torch.nn.Module | None] = [None] * len(seeds)
     for k, i in enumerate(slots):
         linear[i] = lin.export(k)
+    if fitted is not None:
+        fitted[key] = linear
     return linear
 
 
