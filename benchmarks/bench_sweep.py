@@ -1,14 +1,15 @@
 """Batched vs sequential fitting of a capacity sweep, side by side in one process.
 
-MNIST-5k with 32-d PCA latents, mlp generators at 6 capacities × 3 seeds, for the ``mmd`` (the
-default), ``ot`` and ``paired`` fits. The batched path fits all 18 members in one loop as one
+MNIST-5k with 32-d PCA latents, mlp generators at the default capacities × 3 seeds, for the
+``mmd`` (the default), ``ot`` and ``paired`` fits. The batched path fits all members in one loop as one
 vectorised model (``GeneratorEnsemble`` with the device's default buckets); the sequential path
 fits them one after another (``bucket_ratio=None``), with the same code, steps, batch size and
 data. The time the sequential ``ot`` run spends in the assignment solver bounds what batching
 can gain on the machine's cores. Goals (issue 2, 2 CPU cores): batched >= 4x faster, and the
 full default ``measure`` sweep (fit + evaluation + proxies) <= 60 s.
 
-    python benchmarks/bench_sweep.py [--small] [--device cpu|cuda] [--candidate STEPSxBATCH]
+    python benchmarks/bench_sweep.py [--small] [--device cpu|cuda]
+        [--candidate STEPSxBATCH[@CAPACITIES]]
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ from common import markdown_table, write_result  # noqa: E402
 
 from latentdist import load_data, measure  # noqa: E402
 from latentdist.discrepancy import median_bandwidth  # noqa: E402
-from latentdist.estimator import DEFAULT_CAPACITIES, MeasureConfig  # noqa: E402
+from latentdist.estimator import DEFAULT_CAPACITIES, EXTEND_LIMIT, MeasureConfig  # noqa: E402
 from latentdist.estimator import fit as fit_module  # noqa: E402
 from latentdist.estimator.fit import FitSettings, fit_ensemble  # noqa: E402
 from latentdist.estimator.split import make_split  # noqa: E402
 from latentdist.generators.ensemble import GeneratorEnsemble, default_bucket_ratio  # noqa: E402
+
+CANDIDATE = r"[1-9]\d*x[1-9]\d*(@[1-9]\d*(,[1-9]\d*)*)?"
 
 
 def fit_time(z, x, caps, seeds, steps, device, bucket_ratio, fit="ot") -> float:
@@ -97,12 +100,13 @@ def main() -> None:
     ap.add_argument(
         "--candidate",
         default=None,
-        metavar="STEPSxBATCH",
-        help="also time the full default sweep with these fit settings, e.g. 600x128",
+        metavar="STEPSxBATCH[@CAPACITIES]",
+        help="also time the full default sweep with these fit settings and, after @, these "
+        "starting capacities, e.g. 600x128 or 400x256@1,4,16,64",
     )
     args = ap.parse_args()
-    if args.candidate and not re.fullmatch(r"[1-9]\d*x[1-9]\d*", args.candidate):
-        ap.error(f"--candidate {args.candidate}: expected STEPSxBATCH, e.g. 600x128")
+    if args.candidate and not re.fullmatch(CANDIDATE, args.candidate):
+        ap.error(f"--candidate {args.candidate}: expected STEPSxBATCH[@CAPACITIES], e.g. 600x128")
     device = torch.device(args.device)
     data = load_data("mnist5k")
     x = data.take()
@@ -148,13 +152,20 @@ def main() -> None:
     full = time.perf_counter() - t0
     candidate = ""
     if args.candidate and not args.small:  # the same sweep, other fit settings, same process
-        c_steps, c_batch = (int(v) for v in args.candidate.split("x"))
+        settings, _, c_caps = args.candidate.partition("@")
+        c_steps, c_batch = (int(v) for v in settings.split("x"))
+        start = {}
+        if c_caps:  # extended by the default rule, as the default sweep is
+            start = {"capacities": tuple(int(c) for c in c_caps.split(","))}
+            start["max_capacity"] = EXTEND_LIMIT["mlp"]
         t0 = time.perf_counter()
         other = measure(z, data, device=args.device, progress=False, steps=c_steps,
-                        batch_size=c_batch).report  # fmt: skip
+                        batch_size=c_batch, **start).report  # fmt: skip
         c_full, ct = time.perf_counter() - t0, other["timings"]
+        from_caps = f", starting from capacities {list(start['capacities'])}" if c_caps else ""
         candidate = (
-            f"\nThe same sweep with {c_steps} steps of batch {c_batch}, run after it in the same "
+            f"\nThe same sweep with {c_steps} steps of batch {c_batch}{from_caps}, run after it "
+            "in the same "
             f"process: **{c_full:.1f} s** (fit {ct['fit_s']:.1f} s; capacities "
             f"{other['sweep']['capacities']}; the curve flattens at "
             f"{other['saturation']['capacity']}).\n"
@@ -163,7 +174,7 @@ def main() -> None:
     sweep = result.report["sweep"]
     body = (
         f"MNIST-5k, 32-d PCA latents, mlp capacities {list(caps)} x {seeds} seeds, "
-        f"{steps} steps of batch 256 per member, device {device}; sequential = the 18 members "
+        f"{steps} steps of batch 256 per member, device {device}; sequential = the {len(caps) * seeds} members "
         f"fitted one after another with the same code, steps and batches.\n\n"
         + markdown_table(rows)
         + f"\n\nBatched speed-up of the default `{default_fit}` fit: "

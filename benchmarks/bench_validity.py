@@ -55,7 +55,7 @@ from common import RESULTS, markdown_table, write_result  # noqa: E402
 
 import latentdist as ld  # noqa: E402
 from latentdist.discrepancy import METRICS  # noqa: E402
-from latentdist.estimator import MeasureConfig  # noqa: E402
+from latentdist.estimator import EXTEND_LIMIT, MeasureConfig  # noqa: E402
 from latentdist.estimator.fit import FITS  # noqa: E402
 from latentdist.estimator.paired import paired_difference  # noqa: E402
 from latentdist.evaluation.distance import sample_distances  # noqa: E402
@@ -342,7 +342,7 @@ def v3(small: bool, fits: list[str], capacities: tuple, fit: dict) -> tuple[str,
             verdicts[title] = (ok, why)
             out.append(
                 f"### {title} — metric={first['metric']}, {first['config']['steps']} steps, "
-                f"n_eval {n_eval}: {'PASS' if ok else 'FAIL'} ({why}; run {elapsed:.0f} s)\n\n"
+                f"sweep from {first['config']['capacities']}, n_eval {n_eval}: {'PASS' if ok else 'FAIL'} ({why}; run {elapsed:.0f} s)\n\n"
                 + markdown_table(table)
                 + "\n"
             )
@@ -408,7 +408,8 @@ def v4(small: bool, capacities: tuple | None, fit: dict) -> tuple[str, dict]:
         f"## V4 nested latents (MNIST-5k{', 2000 rows' if small else ''})\n\n"
         f"PCA-2, PCA-8, PCA-32 (sklearn PCA of the flattened images), metric={r2['metric']}, "
         f"fit={r2['fit']} (the defaults), {r2['config']['steps']} steps, n_eval {r2['n_eval']}, "
-        f"3 seeds, the default sweep (extended per latent; rows: the capacities all three "
+        f"3 seeds, the sweep from {r2['config']['capacities']} (extended per latent; rows: "
+        "the capacities all three "
         f"measured); saturation (where each curve flattens): "
         + ", ".join(f"PCA-{k} {_flat(reports[k])}" for k in (2, 8, 32))
         + ". PCA-2 > PCA-8: the paired (per seed) interval of the difference lies above 0; "
@@ -809,7 +810,8 @@ def v8(small: bool, fit: dict) -> tuple[str, bool]:
     text = (
         "## V8 same information, different complexity (PCA-8 vs warped PCA-8, MNIST-5k)\n\n"
         f"generator {plain['generator']}, {plain['config']['steps']} steps of batch "
-        f"{plain['config'].get('batch_size') or 'default'}, 3 seeds, n_eval "
+        f"{plain['config'].get('batch_size') or 'default'}, sweep from "
+        f"{plain['config']['capacities']}, 3 seeds, n_eval "
         f"{plain['n_eval']}; floor {cell(plain['floor'])}. "
         f"{'PASS' if ok else 'FAIL'}: warped above plain beyond the paired interval at small "
         f"capacity; gap at the largest capacity {diff[-1]['mean']:.3g} vs its peak "
@@ -818,6 +820,18 @@ def v8(small: bool, fit: dict) -> tuple[str, bool]:
         + markdown_table([dict(zip(V8_COLUMNS, r, strict=True)) for r in rows])
     )
     return text, ok
+
+
+def provenance(old: str, intro: str) -> str:
+    """The paragraphs an earlier results file holds between ``intro`` and its first section
+    (where and how its sections ran, written by hand): kept when some sections are rerun."""
+    start = old.find(intro.strip())
+    if start < 0:
+        return ""
+    rest = old[start + len(intro.strip()) :]
+    first = SECTION.search(rest)
+    text = (rest[: first.start()] if first else rest).strip()
+    return text + "\n\n" if text else ""
 
 
 def merge_sections(old: str, new: dict[str, str]) -> dict[str, str]:
@@ -840,6 +854,11 @@ def main() -> None:
     ap.add_argument(
         "--batch-size", type=int, default=None, help="V3/V4/V8 fit batch (default: measure's)"
     )
+    ap.add_argument(
+        "--capacities",
+        default=None,
+        help="V3/V4/V8 starting sweep, extended by the default rule (default: measure's)",
+    )
     ap.add_argument("--tag", default="", help="write validity[_small]_TAG.md (other settings)")
     ap.add_argument(
         "--columns", default=None, help="V2/V5 metric columns (labels, comma-separated)"
@@ -855,6 +874,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     fit = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v}
+    if args.capacities:  # extended up to the default limit, as the default sweep is
+        try:
+            fit["capacities"] = tuple(int(c) for c in args.capacities.split(","))
+        except ValueError:
+            ap.error(f"--capacities {args.capacities}: expected integers, e.g. 1,4,16,64")
+        fit["max_capacity"] = EXTEND_LIMIT["mlp"]
     only = set((args.only or "V1,V2,V3,V4,V5,V6,V7,V8").upper().split(","))
     if args.small:
         only.discard("V6")  # DAE vs joint at small size: bench_quality --small
@@ -897,7 +922,7 @@ def main() -> None:
         fits = list(FITS) if not args.small else []
         if args.fits is not None:  # "" : the default run alone
             fits = [f for f in args.fits.split(",") if f]
-        caps = (8, 32) if args.small else None  # None: the default sweep
+        caps = (8, 32) if args.small and "capacities" not in fit else None  # None: the default
         text, verdicts = v3(args.small, fits, caps, fit)
         add(
             "V3",
@@ -907,7 +932,8 @@ def main() -> None:
         )
     if "V4" in only:
         t0 = time.perf_counter()
-        text, verdicts = v4(args.small, (8, 32) if args.small else None, fit)
+        caps = (8, 32) if args.small and "capacities" not in fit else None
+        text, verdicts = v4(args.small, caps, fit)
         add("V4", text, [f"default: {'pass' if verdicts['default'][0] else 'fail'}"], t0)
     if "V5" in only:
         t0 = time.perf_counter()
@@ -943,6 +969,7 @@ def main() -> None:
         "One section per check (benchmarks/bench_validity.py; each stamped with when it ran and "
         "the estimator's defaults then). Cells: mean ± 95 % half-width over seeds.\n\n"
     )
+    intro += provenance(old, intro)
     path = write_result(name, "Validity of the distance", intro + "\n".join(merged.values()))
     print(f"wrote {path}")
 
