@@ -45,8 +45,9 @@ SELECTION_MEANING = (
 )
 # geometric from 1, so that the sweep starts where the generator is clearly too small
 # (benchmarks/results/capacity.md: the rank-limited mlp reaches the floor's band near 64 on
-# MNIST-5k latents)
-DEFAULT_CAPACITIES = {"mlp": (1, 2, 4, 8, 16, 32, 64), "conv": (4, 8, 16, 32), "linear": ()}
+# MNIST-5k latents); ratio 4, not 2: a member costs about the same at every capacity, so this
+# sweep costs ~4/7 of 1, 2, ..., 64, and V3, V4, V8 pass with it (docs/concepts.md)
+DEFAULT_CAPACITIES = {"mlp": (1, 4, 16, 64), "conv": (4, 8, 16, 32), "linear": ()}
 # how far the default sweep may extend (estimator.saturation.next_capacity): conv sweeps are
 # not extended by default, since one more conv capacity costs minutes per seed on photographs
 # (benchmarks/results/conv_cpu.md)
