@@ -144,7 +144,9 @@ def minibatch_ot_loss(
 
 
 def _sq_dists(a: torch.Tensor, a_sq: torch.Tensor, c: torch.Tensor, c_sq: torch.Tensor):
-    """(M, B, B') squared distances from batched rows and their squared norms: one GEMM each."""
+    """(M, B, B') squared distances from batched rows and their squared norms: one GEMM each.
+    The fit's float32, batched form of ``discrepancy.kernels.sq_dists``, taking the norms so
+    that each sample's are computed once per step."""
     d2 = torch.baddbmm(a_sq[..., :, None] + c_sq[..., None, :], a, c.mT, alpha=-2)
     return d2.clamp_min_(0)
 
@@ -195,9 +197,9 @@ def minibatch_mmd_loss(
             _sq_dists(r, r_sq, r, r_sq), gammas, within=True, slope=False
         )
         r_m = r.index_select(0, slot)
-        d2_fr = _sq_dists(f, f_sq, r_m, r_sq[slot])
-        k_fr, s_fr = _kernel_sum_and_slope(d2_fr, gammas, within=False)
-        del d2_fr
+        k_fr, s_fr = _kernel_sum_and_slope(
+            _sq_dists(f, f_sq, r_m, r_sq[slot]), gammas, within=False
+        )
         pairs = b * (b - 1)
         value = k_ff / pairs + (k_rr / pairs)[slot] - 2 * k_fr / b**2
         # f_i (a_i - c_i) - a sum_j K'_ff(i,j) f_j + c sum_j K'_fr(i,j) r_j, with a, c the two

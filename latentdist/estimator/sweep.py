@@ -254,8 +254,10 @@ def fit_members(
 def _load_starts(ensemble: GeneratorEnsemble, members: list, start: dict | None) -> set[int]:
     """Load each member that ``start`` (another fit's sweep) holds at the same (capacity, seed
     slot) into ``ensemble``; returns the positions loaded."""
-    started = set()
-    for m, key in enumerate(members if start is not None else []):
+    started: set[int] = set()
+    if start is None:
+        return started
+    for m, key in enumerate(members):
         if key in start["index"]:
             ensemble.load_member(m, start["ensemble"].export(start["index"][key]))
             started.add(m)
