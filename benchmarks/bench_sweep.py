@@ -25,11 +25,11 @@ import torch
 from sklearn.decomposition import PCA
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import markdown_table, write_result  # noqa: E402
+from common import extended_sweep, markdown_table, write_result  # noqa: E402
 
 from latentdist import load_data, measure  # noqa: E402
 from latentdist.discrepancy import median_bandwidth  # noqa: E402
-from latentdist.estimator import DEFAULT_CAPACITIES, EXTEND_LIMIT, MeasureConfig  # noqa: E402
+from latentdist.estimator import DEFAULT_CAPACITIES, MeasureConfig  # noqa: E402
 from latentdist.estimator import fit as fit_module  # noqa: E402
 from latentdist.estimator.fit import FitSettings, fit_ensemble  # noqa: E402
 from latentdist.estimator.split import make_split  # noqa: E402
@@ -154,10 +154,7 @@ def main() -> None:
     if args.candidate and not args.small:  # the same sweep, other fit settings, same process
         settings, _, c_caps = args.candidate.partition("@")
         c_steps, c_batch = (int(v) for v in settings.split("x"))
-        start = {}
-        if c_caps:  # extended by the default rule, as the default sweep is
-            start = {"capacities": tuple(int(c) for c in c_caps.split(","))}
-            start["max_capacity"] = EXTEND_LIMIT["mlp"]
+        start = extended_sweep(c_caps) if c_caps else {}
         t0 = time.perf_counter()
         other = measure(z, data, device=args.device, progress=False, steps=c_steps,
                         batch_size=c_batch, **start).report  # fmt: skip

@@ -51,11 +51,11 @@ from scipy.stats import ortho_group
 from sklearn.decomposition import PCA
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, markdown_table, write_result  # noqa: E402
+from common import RESULTS, extended_sweep, markdown_table, write_result  # noqa: E402
 
 import latentdist as ld  # noqa: E402
 from latentdist.discrepancy import METRICS  # noqa: E402
-from latentdist.estimator import EXTEND_LIMIT, MeasureConfig  # noqa: E402
+from latentdist.estimator import MeasureConfig  # noqa: E402
 from latentdist.estimator.fit import FITS  # noqa: E402
 from latentdist.estimator.paired import paired_difference  # noqa: E402
 from latentdist.evaluation.distance import sample_distances  # noqa: E402
@@ -874,12 +874,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     fit = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v}
-    if args.capacities:  # extended up to the default limit, as the default sweep is
+    if args.capacities:
         try:
-            fit["capacities"] = tuple(int(c) for c in args.capacities.split(","))
+            fit.update(extended_sweep(args.capacities))
         except ValueError:
-            ap.error(f"--capacities {args.capacities}: expected integers, e.g. 1,4,16,64")
-        fit["max_capacity"] = EXTEND_LIMIT["mlp"]
+            ap.error(f"--capacities {args.capacities}: expected positive integers, e.g. 1,4,16,64")
+    # V3/V4's sweep at --small, unless given; None: the default sweep
+    small_caps = (8, 32) if args.small and "capacities" not in fit else None
     only = set((args.only or "V1,V2,V3,V4,V5,V6,V7,V8").upper().split(","))
     if args.small:
         only.discard("V6")  # DAE vs joint at small size: bench_quality --small
@@ -922,8 +923,7 @@ def main() -> None:
         fits = list(FITS) if not args.small else []
         if args.fits is not None:  # "" : the default run alone
             fits = [f for f in args.fits.split(",") if f]
-        caps = (8, 32) if args.small and "capacities" not in fit else None  # None: the default
-        text, verdicts = v3(args.small, fits, caps, fit)
+        text, verdicts = v3(args.small, fits, small_caps, fit)
         add(
             "V3",
             text,
@@ -932,8 +932,7 @@ def main() -> None:
         )
     if "V4" in only:
         t0 = time.perf_counter()
-        caps = (8, 32) if args.small and "capacities" not in fit else None
-        text, verdicts = v4(args.small, caps, fit)
+        text, verdicts = v4(args.small, small_caps, fit)
         add("V4", text, [f"default: {'pass' if verdicts['default'][0] else 'fail'}"], t0)
     if "V5" in only:
         t0 = time.perf_counter()

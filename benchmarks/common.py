@@ -12,6 +12,18 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
+def extended_sweep(text: str) -> dict:
+    """'1,4,16,64' -> ``measure`` settings that start the mlp sweep there and extend it by the
+    default rule, as the default sweep is (given capacities are otherwise measured as given).
+    ValueError on anything but positive integers."""
+    from latentdist.estimator import EXTEND_LIMIT
+
+    caps = tuple(int(c) for c in text.split(","))
+    if min(caps) < 1:
+        raise ValueError(text)
+    return {"capacities": caps, "max_capacity": EXTEND_LIMIT["mlp"]}
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
