@@ -290,6 +290,13 @@ def _view(report: dict, key: str | None) -> dict:
     }
 
 
+def _extension(report: dict) -> str:
+    """How a measurement's sweep grew, as the V3/V4 texts say it."""
+    if report["config"]["max_capacity"]:
+        return "extended per latent by the default rule"
+    return "as given, not extended"
+
+
 def v3(small: bool, fits: list[str], capacities: tuple, fit: dict) -> tuple[str, dict]:
     """The default measurement (its selected bound and each fit's own value inside it), then
     every fit in ``fits`` on its own: selection off, so from its own initialisation, with no
@@ -349,7 +356,7 @@ def v3(small: bool, fits: list[str], capacities: tuple, fit: dict) -> tuple[str,
     text = (
         "## V3 planted latent\n\nx = h(z*) + 0.05 noise, h a fixed random ReLU MLP 8 -> 32 -> "
         f"784 (scaled to mean -0.5, sd 0.4), {len(x)} rows; MLP generators (depth 2, so width "
-        ">= 32 contains h); the default sweep, extended per latent (rows: the capacities every "
+        f">= 32 contains h); the sweep {_extension(first)} (rows: the capacities every "
         "latent measured). Pass: z* at every width >= 32 within max(floor's upper limit, 10 % "
         "of the first-4 distance), and first-2 and first-4 above the floor at every width, "
         "seed by seed (the paired interval of distance - floor lies above 0). The 'chosen' row names, per seed, the generator the default "
@@ -408,7 +415,7 @@ def v4(small: bool, capacities: tuple | None, fit: dict) -> tuple[str, dict]:
         f"## V4 nested latents (MNIST-5k{', 2000 rows' if small else ''})\n\n"
         f"PCA-2, PCA-8, PCA-32 (sklearn PCA of the flattened images), metric={r2['metric']}, "
         f"fit={r2['fit']} (the defaults), {r2['config']['steps']} steps, n_eval {r2['n_eval']}, "
-        f"3 seeds, the sweep from {r2['config']['capacities']} (extended per latent; rows: "
+        f"3 seeds, the sweep from {r2['config']['capacities']} ({_extension(r2)}; rows: "
         "the capacities all three "
         f"measured); saturation (where each curve flattens): "
         + ", ".join(f"PCA-{k} {_flat(reports[k])}" for k in (2, 8, 32))
