@@ -30,6 +30,11 @@ One table per check, every metric a column:
   the largest capacity smaller than its largest.
 
     python benchmarks/bench_validity.py [--small] [--only V1,V2,...] [--no-write]
+        [--steps S] [--batch-size B] [--capacities 1,4,16,64] [--tag TAG]
+
+The last four run V3/V4/V8 with other fit settings (a given --capacities is extended by the
+default rule, as the default sweep is); --tag writes them to validity_TAG.md, not over the
+defaults' record. --help lists the rest.
 """
 
 from __future__ import annotations
