@@ -6,7 +6,7 @@ import torch
 
 from latentdist import measure
 from latentdist.discrepancy import mmd
-from latentdist.estimator.fit import minibatch_mmd_loss
+from latentdist.estimator.fit import factored_mmd_loss, minibatch_mmd_loss
 from latentdist.generators.ensemble import GeneratorEnsemble
 from latentdist.generators.modules import (
     count_params,
@@ -134,6 +134,39 @@ def test_minibatch_mmd_loss_gradient_is_autograds_in_float64():
     loss.sum().backward()
     assert torch.allclose(loss.double(), value.detach(), atol=1e-6)
     assert torch.allclose(ours.grad.double(), exact.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_factored_mmd_loss_is_the_loss_of_the_product():
+    """Through the factors F = H U^T the loss and its gradients are those of F itself: the value
+    of ``minibatch_mmd_loss`` and autograd's d/dH, d/dU through H U^T (float64)."""
+    torch.manual_seed(5)
+    h = torch.rand(3, 30, 4, dtype=torch.float64)
+    u = torch.randn(3, 9, 4, dtype=torch.float64) * 0.3
+    real = torch.rand(2, 30, 9, dtype=torch.float64)
+    slot = torch.tensor([1, 0, 1])
+    gammas = [1 / (2 * (a * 0.9) ** 2) for a in (0.5, 1.0, 2.0)]
+    h64, u64 = h.clone().requires_grad_(True), u.clone().requires_grad_(True)
+    direct = minibatch_mmd_loss(h64 @ u64.mT, real, slot, gammas)
+    direct.sum().backward()
+    h32, u32 = h.float().requires_grad_(True), u.float().requires_grad_(True)
+    loss = factored_mmd_loss(h32, u32, real.float(), slot, gammas)
+    loss.sum().backward()
+    assert torch.allclose(loss.double(), direct.detach().double(), atol=1e-6)
+    assert torch.allclose(h32.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(u32.grad.double(), u64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_mlp_output_factors_multiply_to_the_output():
+    """An mlp bucket's factors, padded members included, multiply to the members' outputs."""
+    torch.manual_seed(6)
+    ens = GeneratorEnsemble("mlp", (2, 3), (4, 5), [1, 3, 3, 8], [0, 0, 1, 0], 2, bucket_ratio=4)
+    z = torch.randn(4, 11, 2, 3)
+    with torch.no_grad():
+        out = ens(z)
+        for part, bucket in ens.parts():
+            h, u = bucket.output_factors(z[part])
+            assert h.shape[-1] == u.shape[-1] == bucket.output_rank
+            assert torch.allclose((h @ u.mT).view_as(out[part]), out[part], atol=1e-5)
 
 
 def _ring(n: int, seed: int):

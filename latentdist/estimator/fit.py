@@ -40,6 +40,10 @@ from latentdist.discrepancy import MMD_SCALES
 from latentdist.generators.ensemble import GeneratorEnsemble
 
 FITS = ("mmd", "ot", "adversarial", "paired")
+# The mmd fit takes a member's loss through its output map's factors when the map's rank r is at
+# most this fraction of the data dimension D: O(B^2 r + B D r) against O(B^2 D) per step.
+# benchmarks/bench_sweep.py measures one step both ways per capacity (sweep_cpu.md).
+FACTORED_RANK = 0.25
 DISTRIBUTIONAL = ("mmd", "ot", "adversarial")
 
 
@@ -90,17 +94,20 @@ def assignment(cost: torch.Tensor) -> torch.Tensor:
 
 
 class _Envelope(torch.autograd.Function):
-    """value(fake) with a gradient computed beforehand: d value / d fake = ``grad``."""
+    """value(x_1, x_2, ...) with its gradients computed beforehand: apply(value, x_1, g_1, x_2,
+    g_2, ...) with d value / d x_k = g_k (per member: value (M,), x_k and g_k (M, ...))."""
 
     @staticmethod
-    def forward(ctx, fake: torch.Tensor, value: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(grad)
+    def forward(ctx, value: torch.Tensor, *inputs_and_grads: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(*inputs_and_grads[1::2])
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad_value: torch.Tensor):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_value.view(-1, *([1] * (grad.dim() - 1))), None, None
+        out: list[torch.Tensor | None] = [None]
+        for grad in ctx.saved_tensors:
+            out += [grad * grad_value.view(-1, *([1] * (grad.dim() - 1))), None]
+        return tuple(out)
 
 
 def minibatch_ot_loss(
@@ -140,7 +147,7 @@ def minibatch_ot_loss(
         else:
             value = dist.mean(-1)
             grad = diff.div_(dist.clamp_min(1e-12).mul(b)[..., None])
-    return _Envelope.apply(fake, value, grad.reshape(fake.shape).to(fake.dtype))
+    return _Envelope.apply(value, fake, grad.reshape(fake.shape).to(fake.dtype))
 
 
 def _sq_dists(a: torch.Tensor, a_sq: torch.Tensor, c: torch.Tensor, c_sq: torch.Tensor):
@@ -175,8 +182,43 @@ def _kernel_sum_and_slope(
     return total.div_(n), None if k_slope is None else k_slope.div_(n)
 
 
+def within_kernel_means(real: torch.Tensor, gammas: Sequence[float]) -> torch.Tensor:
+    """(S,): per data batch (S, B, D), the mean of k(x_i, x_j) over pairs i != j: the MMD^2
+    estimate's data-data term, constant in the generator (one per step, however many members)."""
+    b = real.shape[1]
+    r_sq = torch.linalg.vector_norm(real, dim=-1).square_()
+    total, _ = _kernel_sum_and_slope(
+        _sq_dists(real, r_sq, real, r_sq), gammas, within=True, slope=False
+    )
+    return total / (b * (b - 1))
+
+
+def _mmd_value_and_slopes(
+    d2_ff: torch.Tensor, d2_fr: torch.Tensor, real_term: torch.Tensor, gammas
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-member unbiased MMD^2 (M,) from the fake-fake and fake-real squared distances and
+    each member's data-data term, and P, Q (M, B, B) with d MMD^2 / d F = P F + Q R for F (B, D)
+    a member's samples and R its data batch:
+    P = diag_i(2/(B(B-1)) sum_{j!=i} K'_ff(i,j) - 2/B^2 sum_j K'_fr(i,j)) - 2/(B(B-1)) K'_ff,
+    Q = 2/B^2 K'_fr (Gretton et al. 2012, eq. 3, differentiated through |f_i - x|^2)."""
+    b = d2_ff.shape[1]
+    k_ff, s_ff = _kernel_sum_and_slope(d2_ff, gammas, within=True)
+    k_fr, s_fr = _kernel_sum_and_slope(d2_fr, gammas, within=False)
+    pairs = b * (b - 1)
+    value = k_ff / pairs + real_term - 2 * k_fr / b**2
+    a, c = 2 / pairs, 2 / b**2
+    rows = s_ff.sum(-1).mul_(a).sub_(s_fr.sum(-1), alpha=c)
+    p = s_ff.mul_(-a)
+    p.diagonal(dim1=-2, dim2=-1).add_(rows)
+    return value, p, s_fr.mul_(c)
+
+
 def minibatch_mmd_loss(
-    fake: torch.Tensor, real: torch.Tensor, slot: torch.Tensor, gammas: Sequence[float]
+    fake: torch.Tensor,
+    real: torch.Tensor,
+    slot: torch.Tensor,
+    gammas: Sequence[float],
+    real_terms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-member unbiased MMD^2 (M,) between ``fake`` (M, B, ...) and ``real`` (S, B, ...).
 
@@ -185,30 +227,58 @@ def minibatch_mmd_loss(
     that the value is the estimate itself). The gradient is computed in closed form rather than
     by autograd through the B x B kernel matrices (half the elementwise passes):
     d/df_i = 2/(B(B-1)) sum_{j!=i} K'_ff(i,j) (f_i - f_j) - 2/B^2 sum_j K'_fr(i,j) (f_i - r_j).
+    ``real_terms``: ``within_kernel_means(real)``, when already computed for this step.
     """
-    b = fake.shape[1]
     f = fake.detach().flatten(2).float()
     r = real.flatten(2).float()
     with torch.no_grad():
         f_sq = torch.linalg.vector_norm(f, dim=-1).square_()
-        r_sq = torch.linalg.vector_norm(r, dim=-1).square_()
-        k_ff, s_ff = _kernel_sum_and_slope(_sq_dists(f, f_sq, f, f_sq), gammas, within=True)
-        k_rr, _ = _kernel_sum_and_slope(
-            _sq_dists(r, r_sq, r, r_sq), gammas, within=True, slope=False
-        )
         r_m = r.index_select(0, slot)
-        k_fr, s_fr = _kernel_sum_and_slope(
-            _sq_dists(f, f_sq, r_m, r_sq[slot]), gammas, within=False
+        r_sq = torch.linalg.vector_norm(r_m, dim=-1).square_()
+        if real_terms is None:
+            real_terms = within_kernel_means(r, gammas)
+        value, p, q = _mmd_value_and_slopes(
+            _sq_dists(f, f_sq, f, f_sq), _sq_dists(f, f_sq, r_m, r_sq), real_terms[slot], gammas
         )
-        pairs = b * (b - 1)
-        value = k_ff / pairs + (k_rr / pairs)[slot] - 2 * k_fr / b**2
-        # f_i (a_i - c_i) - a sum_j K'_ff(i,j) f_j + c sum_j K'_fr(i,j) r_j, with a, c the two
-        # terms' weights and a_i, c_i the kernels' row sums: two GEMMs accumulating in place
-        a, c = 2 / pairs, 2 / b**2
-        rows = s_ff.sum(-1).mul_(a).sub_(s_fr.sum(-1), alpha=c)
-        grad = torch.baddbmm(f * rows[..., None], s_ff, f, alpha=-a)
-        grad.baddbmm_(s_fr, r_m, alpha=c)
-    return _Envelope.apply(fake, value, grad.reshape(fake.shape).to(fake.dtype))
+        grad = torch.bmm(p, f).baddbmm_(q, r_m)
+    return _Envelope.apply(value, fake, grad.reshape(fake.shape).to(fake.dtype))
+
+
+def factored_mmd_loss(
+    h: torch.Tensor,
+    u: torch.Tensor,
+    real: torch.Tensor,
+    slot: torch.Tensor,
+    gammas: Sequence[float],
+    real_terms: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``minibatch_mmd_loss`` of the samples F = H U^T, taken through the factors: ``h`` (M, B, r)
+    and ``u`` (M, D, r), r < D (an mlp generator's output map, ``mlp_output_factors``).
+
+    The loss only needs F's inner products, F F^T = H (U^T U) H^T and F R^T = H (R U)^T, and
+    its gradient d/dF = P F + Q R reaches the factors as d/dH = P H (U^T U) + Q (R U) and
+    d/dU = U (H^T P H) + R^T (Q^T H) (P is symmetric). Per member that is O(B^2 r + B D r) work
+    instead of the O(B^2 D) of forming F: several times less for small generators on images.
+    """
+    r = real.flatten(2).float()
+    with torch.no_grad():
+        gram = torch.bmm(u.mT, u)  # U^T U
+        hg = torch.bmm(h, gram)
+        f_sq = (hg * h).sum(-1)
+        r_m = r.index_select(0, slot)
+        r_sq = torch.linalg.vector_norm(r_m, dim=-1).square_()
+        # (U^T R^T), not R U: a product with the long D axis inner and a small output runs
+        # several times faster in this orientation on CPU BLAS (likewise H^T Q R below)
+        ur = torch.bmm(u.mT, r_m.mT)
+        if real_terms is None:
+            real_terms = within_kernel_means(r, gammas)
+        value, p, q = _mmd_value_and_slopes(
+            _sq_dists(hg, f_sq, h, f_sq), _sq_dists(h, f_sq, ur.mT, r_sq), real_terms[slot], gammas
+        )
+        grad_h = torch.bmm(p, hg).baddbmm_(q, ur.mT)
+        grad_ut = torch.bmm(torch.bmm(torch.bmm(p, h).mT, h), u.mT)  # (H^T P H) U^T
+        grad_ut.baddbmm_(torch.bmm(h.mT, q), r_m)  # + H^T Q R
+    return _Envelope.apply(value, h, grad_h.to(h.dtype), u, grad_ut.mT.to(u.dtype))
 
 
 class CriticEnsemble(nn.Module):
@@ -378,8 +448,25 @@ def _member_losses(
     if settings.fit == "ot":
         return minibatch_ot_loss(ensemble(z), x, slot_t, settings.cost)
     if settings.fit == "mmd":
-        return minibatch_mmd_loss(ensemble(z), x, slot_t, gammas)
+        return _mmd_losses(ensemble, z, x, slot_t, gammas)
     return (ensemble(z) - x).flatten(2).square().sum(-1).mean(-1)
+
+
+def _mmd_losses(ensemble: GeneratorEnsemble, z, x, slot_t, gammas) -> torch.Tensor:
+    """``minibatch_mmd_loss`` per member, taken through the output factors (``factored_mmd_loss``)
+    for buckets whose output map has rank <= FACTORED_RANK x the data dimension."""
+    d_out = x[0].numel()
+    with torch.no_grad():
+        real_terms = within_kernel_means(x.flatten(2).float(), gammas)
+    losses = []
+    for part, bucket in ensemble.parts():
+        rank, sl = bucket.output_rank, slot_t[part]
+        if rank is not None and rank <= FACTORED_RANK * d_out:
+            h, u = bucket.output_factors(z[part])
+            losses.append(factored_mmd_loss(h, u, x, sl, gammas, real_terms))
+        else:
+            losses.append(minibatch_mmd_loss(bucket(z[part]), x, sl, gammas, real_terms))
+    return torch.cat(losses)
 
 
 def _loop_state(step: int, losses, ensemble, opt, sched, gen, critic_pair) -> dict:

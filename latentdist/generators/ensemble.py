@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from latentdist.generators.modules import count_params, make_generator
+from latentdist.generators.modules import count_params, make_generator, mlp_output_factors
 
 # Members of capacities within this factor share a padded bucket. On CPU, fitting is bound by
 # arithmetic, so padding is pure waste: one bucket per capacity (ratio 1) is fastest
@@ -72,6 +72,8 @@ class _Bucket(nn.Module):
         super().__init__()
         self.family = family
         widest = None if family == "linear" else max(capacities)
+        # rank of the output map of the last features (``mlp_output_factors``); mlp only
+        self.output_rank = 2 * widest + 1 if family == "mlp" else None
         # a tuple keeps the meta-device template out of the module tree (it holds no data)
         self.template = (
             make_generator(family, latent_shape, data_shape, widest, depth).to("meta"),
@@ -120,6 +122,13 @@ class _Bucket(nn.Module):
                 ]
             )
         return vmap(lambda p, zb: functional_call(call, p, (zb,)))(params, z)
+
+    def output_factors(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(H, U), (M, B, r) and (M, d_out, r), with the members' outputs H U^T (flattened);
+        mlp buckets only (``mlp_output_factors``)."""
+        params = dict(zip(self.names, self.weights, strict=True))
+        call = self.template[0]
+        return vmap(lambda p, zb: mlp_output_factors(call, p, zb))(params, z)
 
     def mask_gradients(self) -> None:
         if not self.padded:
@@ -179,6 +188,12 @@ class GeneratorEnsemble(nn.Module):
         return torch.cat(
             [b(z[g[0] : g[-1] + 1]) for g, b in zip(self.groups, self.buckets, strict=True)]
         )
+
+    def parts(self) -> list[tuple[slice, _Bucket]]:
+        """Each bucket with the slice of members (of ``forward``'s first axis) it holds."""
+        return [
+            (slice(g[0], g[-1] + 1), b) for g, b in zip(self.groups, self.buckets, strict=True)
+        ]
 
     def mask_gradients(self) -> None:
         """Zero the gradient of padded entries so every member stays in its own class."""

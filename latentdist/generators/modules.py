@@ -20,6 +20,7 @@ import math
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from latentdist._shapes import Crop, latent_size
 from latentdist.errors import UsageError
@@ -73,6 +74,36 @@ def mlp_generator(
         SumOfPaths(skip, nn.Sequential(*layers)),
         nn.Unflatten(1, data_shape),
     )
+
+
+def mlp_output_factors(
+    mlp: nn.Sequential, params: dict[str, torch.Tensor], z: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mlp generator's output as a map of rank <= 2c + 1 of its last features.
+
+    g(z) = H U^T (flattened), with H = [A z, h(z), 1] (B, 2c + 1), h(z) the body's last hidden
+    layer, and U = [B, W_out, b] (d_out, 2c + 1). A loss of g(z) can then be taken through H
+    and U without forming the B x d_out output (``estimator.fit.factored_mmd_loss``).
+    ``params``: ``mlp``'s parameters by name, as ``functional_call`` takes them, so that this
+    also runs under ``vmap`` on a bucket's stacked parameters.
+    """
+    body = mlp[1].paths[1]
+    skip_in, skip_out = "1.paths.0.0.", "1.paths.0.1."
+    out = f"1.paths.1.{len(body) - 1}."
+    hidden_params = {
+        name[len("1.paths.1.") :]: p
+        for name, p in params.items()
+        if name.startswith("1.paths.1.") and not name.startswith(out)
+    }
+    x = z.reshape(len(z), -1)
+    hidden = functional_call(body[:-1], hidden_params, (x,))
+    ones = x.new_ones(len(x), 1)
+    h = torch.cat([x @ params[skip_in + "weight"].T, hidden, ones], dim=-1)
+    u = torch.cat(
+        [params[skip_out + "weight"], params[out + "weight"], params[skip_out + "bias"][:, None]],
+        dim=-1,
+    )
+    return h, u
 
 
 def upsampling_factor(latent_shape: tuple[int, ...], data_shape: tuple[int, ...]) -> int:
