@@ -191,9 +191,7 @@ class GeneratorEnsemble(nn.Module):
 
     def parts(self) -> list[tuple[slice, _Bucket]]:
         """Each bucket with the slice of members (of ``forward``'s first axis) it holds."""
-        return [
-            (slice(g[0], g[-1] + 1), b) for g, b in zip(self.groups, self.buckets, strict=True)
-        ]
+        return [(slice(g[0], g[-1] + 1), b) for g, b in zip(self.groups, self.buckets, strict=True)]
 
     def mask_gradients(self) -> None:
         """Zero the gradient of padded entries so every member stays in its own class."""
