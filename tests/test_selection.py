@@ -6,7 +6,12 @@ import torch
 
 from latentdist import measure
 from latentdist.discrepancy import mmd
-from latentdist.estimator.fit import factored_mmd_loss, minibatch_mmd_loss
+from latentdist.estimator.fit import (
+    ensemble_mmd_losses,
+    factored_mmd_loss,
+    minibatch_mmd_loss,
+    within_kernel_means,
+)
 from latentdist.generators.ensemble import GeneratorEnsemble
 from latentdist.generators.modules import (
     count_params,
@@ -154,6 +159,27 @@ def test_factored_mmd_loss_is_the_loss_of_the_product():
     assert torch.allclose(loss.double(), direct.detach().double(), atol=1e-6)
     assert torch.allclose(h32.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
     assert torch.allclose(u32.grad.double(), u64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_mmd_step_without_its_data_term_has_the_same_gradient():
+    """Between shown steps the fit leaves out the data-data term: the value drops by exactly
+    that term per member and the generators' gradient is unchanged (factored and direct
+    buckets alike)."""
+    torch.manual_seed(7)
+    ens = GeneratorEnsemble("mlp", (3,), (40,), [1, 1, 30], [0, 1, 0], 2)  # 61 > 40/4: direct
+    z, x = torch.randn(3, 32, 3), torch.rand(2, 32, 40)
+    slot, gammas = torch.tensor([0, 1, 0]), [0.5, 0.1]
+    grads, values = [], []
+    for data_term in (True, False):
+        ens.zero_grad()
+        loss = ensemble_mmd_losses(ens, z, x, slot, gammas, data_term)
+        loss.sum().backward()
+        values.append(loss.detach())
+        grads.append([p.grad.clone() for p in ens.parameters()])
+    term = within_kernel_means(x, gammas)[slot]
+    assert torch.allclose(values[0] - values[1], term, atol=1e-6)
+    for g_with, g_without in zip(*grads, strict=True):
+        assert torch.equal(g_with, g_without)
 
 
 def test_mlp_output_factors_multiply_to_the_output():

@@ -110,6 +110,14 @@ def spectral_complexity(
     return float(sum(path_spectral_complexity(p) for p in paths))
 
 
+# The Jacobian figures run on chunks of points of at most this many output entries (points x
+# output size), but at least 64 points: all 256 points of an MNIST generator at once (twice as
+# fast as chunks of 64 on 2 CPU cores), 64 of a 256x256 RGB one. A larger chunk runs each point's
+# power iteration at least as long (its chunk stops when all its points have converged), so
+# lipschitz_lower can only tighten.
+JACOBIAN_CHUNK_ENTRIES = 2**22
+
+
 def generator_proxies(
     g: nn.Module,
     z: torch.Tensor | np.ndarray,
@@ -151,7 +159,10 @@ def generator_proxies(
     if z.shape[0] > n_max:
         idx = torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(seed))[:n_max]
         z = z[idx.to(z.device)]
-    out["lipschitz_lower"] = lipschitz_lower(g, z, n_iter=n_iter, seed=seed)
-    out["jacobian_fro"] = jacobian_fro(g, z, n_probes=n_probes, seed=seed)
+    with eval_mode(g), torch.no_grad():
+        out_size = g(z[:1]).numel()
+    chunk = max(64, JACOBIAN_CHUNK_ENTRIES // out_size)
+    out["lipschitz_lower"] = lipschitz_lower(g, z, n_iter=n_iter, seed=seed, chunk_size=chunk)
+    out["jacobian_fro"] = jacobian_fro(g, z, n_probes=n_probes, seed=seed, chunk_size=chunk)
     out["n_points"] = int(z.shape[0])
     return out
