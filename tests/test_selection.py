@@ -9,6 +9,7 @@ from latentdist.discrepancy import mmd
 from latentdist.estimator.fit import (
     ensemble_mmd_losses,
     factored_mmd_loss,
+    factored_paired_loss,
     minibatch_mmd_loss,
     within_kernel_means,
 )
@@ -180,6 +181,24 @@ def test_mmd_step_without_its_data_term_has_the_same_gradient():
     assert torch.allclose(values[0] - values[1], term, atol=1e-6)
     for g_with, g_without in zip(*grads, strict=True):
         assert torch.equal(g_with, g_without)
+
+
+def test_factored_paired_loss_is_the_loss_of_the_product():
+    """The paired loss through the factors: the mean squared error of H U^T against its rows,
+    with autograd's d/dH, d/dU through H U^T (float64)."""
+    torch.manual_seed(8)
+    h = torch.rand(3, 20, 5, dtype=torch.float64)
+    u = torch.randn(3, 12, 5, dtype=torch.float64)
+    x = torch.rand(3, 20, 3, 4, dtype=torch.float64)
+    h64, u64 = h.clone().requires_grad_(True), u.clone().requires_grad_(True)
+    direct = (h64 @ u64.mT - x.flatten(2)).square().sum(-1).mean(-1)
+    direct.sum().backward()
+    h32, u32 = h.float().requires_grad_(True), u.float().requires_grad_(True)
+    loss = factored_paired_loss(h32, u32, x.float())
+    loss.sum().backward()
+    assert torch.allclose(loss.double(), direct.detach(), rtol=1e-5)
+    assert torch.allclose(h32.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(u32.grad.double(), u64.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_mlp_output_factors_multiply_to_the_output():

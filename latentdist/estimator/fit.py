@@ -283,6 +283,25 @@ def factored_mmd_loss(
     return _Envelope.apply(value, h, grad_h.to(h.dtype), u, grad_ut.mT.to(u.dtype))
 
 
+def factored_paired_loss(h: torch.Tensor, u: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    """Per member (M,), (1/B) sum_i |f_i - x_i|^2 for the samples F = H U^T (``h`` (M, B, r),
+    ``u`` (M, D, r), as in ``factored_mmd_loss``) and their paired rows X (``data`` (M, B, ...)).
+
+    (1/B)(tr(H^T H U^T U) - 2 tr(H^T X U) + |X|^2), with gradients d/dH = (2/B)(H U^T U - X U)
+    and d/dU = (2/B)(U H^T H - X^T H): O(B D r + (B + D) r^2) work, none of it on B x D arrays.
+    """
+    b = h.shape[1]
+    x = data.flatten(2).float()
+    with torch.no_grad():
+        hg = torch.bmm(h, torch.bmm(u.mT, u))
+        xu = torch.bmm(u.mT, x.mT).mT  # (U^T X^T)^T: the fast orientation, as in factored_mmd_loss
+        value = (hg * h).sum((1, 2)).sub_((h * xu).sum((1, 2)), alpha=2)
+        value = value.add_(torch.linalg.vector_norm(x, dim=(1, 2)).square_()).div_(b)
+        grad_h = hg.sub_(xu).mul_(2 / b)
+        grad_ut = torch.bmm(torch.bmm(h.mT, h), u.mT).sub_(torch.bmm(h.mT, x)).mul_(2 / b)
+    return _Envelope.apply(value, h, grad_h.to(h.dtype), u, grad_ut.mT.to(u.dtype))
+
+
 class CriticEnsemble(nn.Module):
     """One MLP critic per member (leaky-ReLU, two hidden layers), vectorised like the generators."""
 
@@ -456,29 +475,49 @@ def _member_losses(
         return minibatch_ot_loss(ensemble(z), x, slot_t, settings.cost)
     if settings.fit == "mmd":
         return ensemble_mmd_losses(ensemble, z, x, slot_t, gammas, exact)
-    return (ensemble(z) - x).flatten(2).square().sum(-1).mean(-1)
+    return ensemble_paired_losses(ensemble, z, x)
+
+
+def _bucket_losses(ensemble: GeneratorEnsemble, z, d_out: int, of_samples, of_factors):
+    """Per-member losses (M,), bucket by bucket: ``of_factors(part, H, U)`` for buckets whose
+    output map has rank <= FACTORED_RANK x the data dimension ``d_out``, else
+    ``of_samples(part, samples)`` (``part``: the bucket's slice of members)."""
+    losses = []
+    for part, bucket in ensemble.parts():
+        rank = bucket.output_rank
+        if rank is not None and rank <= FACTORED_RANK * d_out:
+            losses.append(of_factors(part, *bucket.output_factors(z[part])))
+        else:
+            losses.append(of_samples(part, bucket(z[part])))
+    return torch.cat(losses)
 
 
 def ensemble_mmd_losses(
     ensemble: GeneratorEnsemble, z, x, slot_t, gammas, data_term: bool = True
 ) -> torch.Tensor:
-    """``minibatch_mmd_loss`` per member, taken through the output factors (``factored_mmd_loss``)
-    for buckets whose output map has rank <= FACTORED_RANK x the data dimension.
-    ``data_term=False``: without the data-data term (a B x B x D product per data batch)."""
-    d_out = x[0].numel()
+    """``minibatch_mmd_loss`` per member, through the output factors (``factored_mmd_loss``)
+    where their rank is small. ``data_term=False``: without the data-data term (a B x B x D
+    product per data batch)."""
     with torch.no_grad():
         real_terms = (
             within_kernel_means(x.flatten(2).float(), gammas) if data_term else x.new_zeros(len(x))
         )
-    losses = []
-    for part, bucket in ensemble.parts():
-        rank, sl = bucket.output_rank, slot_t[part]
-        if rank is not None and rank <= FACTORED_RANK * d_out:
-            h, u = bucket.output_factors(z[part])
-            losses.append(factored_mmd_loss(h, u, x, sl, gammas, real_terms))
-        else:
-            losses.append(minibatch_mmd_loss(bucket(z[part]), x, sl, gammas, real_terms))
-    return torch.cat(losses)
+    return _bucket_losses(
+        ensemble, z, x[0].numel(),
+        lambda part, fake: minibatch_mmd_loss(fake, x, slot_t[part], gammas, real_terms),
+        lambda part, h, u: factored_mmd_loss(h, u, x, slot_t[part], gammas, real_terms),
+    )  # fmt: skip
+
+
+def ensemble_paired_losses(ensemble: GeneratorEnsemble, z, x) -> torch.Tensor:
+    """Per member (M,), the mean over the batch of |g(z_i) - x_i|^2 for ``z``, ``x`` (M, B, ...)
+    paired row by row; through the output factors (``factored_paired_loss``) where their rank
+    is small."""
+    return _bucket_losses(
+        ensemble, z, x[0, 0].numel(),
+        lambda part, fake: (fake - x[part]).flatten(2).square().sum(-1).mean(-1),
+        lambda part, h, u: factored_paired_loss(h, u, x[part]),
+    )  # fmt: skip
 
 
 def _loop_state(step: int, losses, ensemble, opt, sched, gen, critic_pair) -> dict:
