@@ -71,14 +71,15 @@ def fit_time(z, x, caps, seeds, steps, device, bucket_ratio, fit="ot") -> float:
     return time.perf_counter() - t0
 
 
-def mmd_step_ms(z, x, capacity: int, device, factored: bool, steps: int = 20) -> float:
-    """Milliseconds per step of the mmd loss, forward and backward, for 3 members (3 seeds) of one
-    capacity: through the output map's factors or through the samples (FACTORED_RANK patched)."""
+def loss_step_ms(z, x, capacity: int, device, factored: bool, fit: str, steps: int = 20) -> float:
+    """Milliseconds per step of the ``fit``'s loss (mmd or paired), forward and backward, for 3
+    members (3 seeds) of one capacity: through the output map's factors or through the samples
+    (FACTORED_RANK patched)."""
     ens = GeneratorEnsemble("mlp", (z.shape[1],), tuple(x.shape[1:]), [capacity] * 3, [0, 1, 2])
     ens = ens.to(device)
     gen = torch.Generator().manual_seed(0)
-    zb = z[torch.randint(len(z), (3, 256), generator=gen).to(z.device)]
-    xb = x[torch.randint(len(x), (3, 256), generator=gen).to(x.device)]
+    rows = torch.randint(len(x), (3, 256), generator=gen).to(x.device)
+    zb, xb = z[rows], x[rows]  # paired rows; the mmd loss only sees them as two batches
     slot, gammas = torch.arange(3, device=z.device), [1 / (2 * (a * 9.0) ** 2) for a in MMD_SCALES]
     saved, fit_module.FACTORED_RANK = fit_module.FACTORED_RANK, float("inf") if factored else 0.0
     try:
@@ -88,7 +89,11 @@ def mmd_step_ms(z, x, capacity: int, device, factored: bool, steps: int = 20) ->
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
             ens.zero_grad()
-            fit_module.ensemble_mmd_losses(ens, zb, xb, slot, gammas, False).sum().backward()
+            if fit == "mmd":  # without the data-data term, as on most steps
+                loss = fit_module.ensemble_mmd_losses(ens, zb, xb, slot, gammas, False)
+            else:
+                loss = fit_module.ensemble_paired_losses(ens, zb, xb)
+            loss.sum().backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
     finally:
@@ -166,13 +171,15 @@ def main() -> None:
     d_out = x[0].numel()
     factor_rows = []
     for c in (1, 4, 16, 64, 128, 256):
-        direct, factored = (mmd_step_ms(zd, xd, c, device, f) for f in (False, True))
-        factor_rows.append(
-            {"capacity": c, "rank r = 2c+1": 2 * c + 1, "r / D": (2 * c + 1) / d_out,
-             "through samples ms": direct, "through factors ms": factored,
-             "ratio": direct / factored, "path taken": "factors"
-             if 2 * c + 1 <= fit_module.FACTORED_RANK * d_out else "samples"}
-        )  # fmt: skip
+        row = {"capacity": c, "rank r = 2c+1": 2 * c + 1, "r / D": (2 * c + 1) / d_out}
+        for fit in ("mmd", "paired"):
+            direct, factored = (loss_step_ms(zd, xd, c, device, f, fit) for f in (False, True))
+            row[f"{fit}: samples ms"], row[f"{fit}: factors ms"] = direct, factored
+            row[f"{fit}: ratio"] = direct / factored
+        row["path taken"] = (
+            "factors" if 2 * c + 1 <= fit_module.FACTORED_RANK * d_out else "samples"
+        )
+        factor_rows.append(row)
     cores = min(os.cpu_count() or 1, torch.get_num_threads())
     floor_s = solver_s / cores + batched_paired
     bound = sequential_ot / floor_s
@@ -215,8 +222,9 @@ def main() -> None:
         f"CPU. Through the samples it is three B×B Gram matrices of D = {d_out}-d rows and two "
         f"B×B×D products for the gradient; an mlp member's output is H U^T with H of rank "
         f"r = 2c+1, and through these factors (`factored_mmd_loss`) the same loss and gradient "
-        f"cost O(B²r + BDr). One step (loss forward and backward, 3 members, batch 256, "
-        f"without the data-data term, as on most steps) both ways:\n\n"
+        f"cost O(B²r + BDr); the `paired` loss through them (`factored_paired_loss`) needs no "
+        f"B×D array. One step of each loss (forward and backward, 3 members, batch 256; the mmd "
+        f"loss without the data-data term, as on most steps) both ways:\n\n"
         + markdown_table(factor_rows)
         + f"\n\nThe fit takes the factors while r <= {fit_module.FACTORED_RANK} D "
         f"(`FACTORED_RANK`).\n\n"
