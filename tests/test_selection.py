@@ -201,6 +201,34 @@ def test_factored_paired_loss_is_the_loss_of_the_product():
     assert torch.allclose(u32.grad.double(), u64.grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("rank", [5, 9])  # small r x r products: where BLAS layouts matter
+def test_factored_losses_of_a_member_do_not_depend_on_its_company(rank):
+    """One thread: a member's loss and gradients are bitwise the same computed alone, with some
+    members or with all, as a rank's share of a sweep under torchrun must be."""
+    torch.manual_seed(9)
+    h, u, x = torch.randn(4, 32, rank), torch.randn(4, 64, rank) * 0.1, torch.rand(4, 32, 64)
+    losses = {
+        "paired": lambda hh, uu, idx: factored_paired_loss(hh, uu, x[idx]),
+        "mmd": lambda hh, uu, idx: factored_mmd_loss(hh, uu, x, torch.tensor(idx), [0.1, 0.02]),
+    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for loss in losses.values():
+            results = {}
+            for idx in ([0, 1, 2, 3], [1, 2], [2], [3]):
+                hh, uu = h[idx].clone().requires_grad_(True), u[idx].clone().requires_grad_(True)
+                value = loss(hh, uu, idx)
+                value.sum().backward()
+                results[tuple(idx)] = (value.detach(), hh.grad, uu.grad)
+            full = results[(0, 1, 2, 3)]
+            for idx, part in results.items():
+                for a, b in zip(full, part, strict=True):
+                    assert torch.equal(a[list(idx)], b)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_mlp_output_factors_multiply_to_the_output():
     """An mlp bucket's factors, padded members included, multiply to the members' outputs."""
     torch.manual_seed(6)

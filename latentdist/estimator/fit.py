@@ -246,6 +246,14 @@ def minibatch_mmd_loss(
     return _Envelope.apply(value, fake, grad.reshape(fake.shape).to(fake.dtype))
 
 
+def _small_gram(a: torch.Tensor) -> torch.Tensor:
+    """A A^T (M, r, r) for ``a`` (M, r, K) contiguous. Written with the second factor K-contiguous:
+    with a small r x r output and the other layouts, CPU BLAS computes a member's product
+    differently depending on how many members share the call, which would break the bitwise
+    equality of a sweep and its shards under torchrun (tests/test_selection.py checks)."""
+    return torch.bmm(a, a.mT)
+
+
 def factored_mmd_loss(
     h: torch.Tensor,
     u: torch.Tensor,
@@ -264,21 +272,23 @@ def factored_mmd_loss(
     """
     r = real.flatten(2).float()
     with torch.no_grad():
-        gram = torch.bmm(u.mT, u)  # U^T U
+        ut = u.mT.contiguous()
+        gram = _small_gram(ut)  # U^T U
         hg = torch.bmm(h, gram)
         f_sq = (hg * h).sum(-1)
         r_m = r.index_select(0, slot)
         r_sq = torch.linalg.vector_norm(r_m, dim=-1).square_()
         # (U^T R^T), not R U: a product with the long D axis inner and a small output runs
         # several times faster in this orientation on CPU BLAS (likewise H^T Q R below)
-        ur = torch.bmm(u.mT, r_m.mT)
+        ur = torch.bmm(ut, r_m.mT)
         if real_terms is None:
             real_terms = within_kernel_means(r, gammas)
         value, p, q = _mmd_value_and_slopes(
             _sq_dists(hg, f_sq, h, f_sq), _sq_dists(h, f_sq, ur.mT, r_sq), real_terms[slot], gammas
         )
         grad_h = torch.bmm(p, hg).baddbmm_(q, ur.mT)
-        grad_ut = torch.bmm(torch.bmm(torch.bmm(p, h).mT, h), u.mT)  # (H^T P H) U^T
+        hph = torch.bmm(torch.bmm(p, h).mT, h.mT.contiguous().mT)  # H^T P H, see _small_gram
+        grad_ut = torch.bmm(hph, ut)  # (H^T P H) U^T
         grad_ut.baddbmm_(torch.bmm(h.mT, q), r_m)  # + H^T Q R
     return _Envelope.apply(value, h, grad_h.to(h.dtype), u, grad_ut.mT.to(u.dtype))
 
@@ -293,12 +303,16 @@ def factored_paired_loss(h: torch.Tensor, u: torch.Tensor, data: torch.Tensor) -
     b = h.shape[1]
     x = data.flatten(2).float()
     with torch.no_grad():
-        hg = torch.bmm(h, torch.bmm(u.mT, u))
-        xu = torch.bmm(u.mT, x.mT).mT  # (U^T X^T)^T: the fast orientation, as in factored_mmd_loss
-        value = (hg * h).sum((1, 2)).sub_((h * xu).sum((1, 2)), alpha=2)
-        value = value.add_(torch.linalg.vector_norm(x, dim=(1, 2)).square_()).div_(b)
+        ut = u.mT.contiguous()
+        hg = torch.bmm(h, _small_gram(ut))
+        xu = torch.bmm(ut, x.mT).mT  # (U^T X^T)^T: the fast orientation, as in factored_mmd_loss
+        # sums over one axis at a time: each member's value is then reduced in the same order
+        # whatever the number of members (a rank's share under torchrun gives the same bits)
+        value = (hg * h).sum(-1).sum(-1).sub_((h * xu).sum(-1).sum(-1), alpha=2)
+        value = value.add_(x.square().sum(-1).sum(-1)).div_(b)
         grad_h = hg.sub_(xu).mul_(2 / b)
-        grad_ut = torch.bmm(torch.bmm(h.mT, h), u.mT).sub_(torch.bmm(h.mT, x)).mul_(2 / b)
+        hth = _small_gram(h.mT.contiguous())
+        grad_ut = torch.bmm(hth, ut).sub_(torch.bmm(h.mT, x)).mul_(2 / b)
     return _Envelope.apply(value, h, grad_h.to(h.dtype), u, grad_ut.mT.to(u.dtype))
 
 
