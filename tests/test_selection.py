@@ -229,6 +229,24 @@ def test_factored_losses_of_a_member_do_not_depend_on_its_company(rank):
         torch.set_num_threads(threads)
 
 
+def test_losses_take_the_factors_only_up_to_a_quarter_of_the_data_dimension(monkeypatch):
+    """The path is chosen per bucket by its rank against the per-sample data dimension D (here
+    40: rank 3 <= 10 takes the factors, 61 the samples), for both losses."""
+    import latentdist.estimator.fit as fit
+
+    ranks = []
+    for name in ("factored_mmd_loss", "factored_paired_loss"):
+        real = getattr(fit, name)
+        monkeypatch.setattr(
+            fit, name, lambda h, *a, _real=real, **k: ranks.append(h.shape[-1]) or _real(h, *a, **k)
+        )
+    ens = GeneratorEnsemble("mlp", (3,), (40,), [1, 1, 30], [0, 1, 0], 2)
+    z, x = torch.randn(3, 32, 3), torch.rand(2, 32, 40)
+    ensemble_mmd_losses(ens, z, x, torch.tensor([0, 1, 0]), [0.5, 0.1])
+    fit.ensemble_paired_losses(ens, z, x[[0, 1, 0]])
+    assert ranks == [3, 3]
+
+
 def test_mlp_output_factors_multiply_to_the_output():
     """An mlp bucket's factors, padded members included, multiply to the members' outputs."""
     torch.manual_seed(6)

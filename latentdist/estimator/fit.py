@@ -22,6 +22,7 @@ Three ways to fit g in G_c, each a different question (SPEC §1):
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -492,10 +493,11 @@ def _member_losses(
     return ensemble_paired_losses(ensemble, z, x)
 
 
-def _bucket_losses(ensemble: GeneratorEnsemble, z, d_out: int, of_samples, of_factors):
+def _bucket_losses(ensemble: GeneratorEnsemble, z, of_samples, of_factors):
     """Per-member losses (M,), bucket by bucket: ``of_factors(part, H, U)`` for buckets whose
-    output map has rank <= FACTORED_RANK x the data dimension ``d_out``, else
-    ``of_samples(part, samples)`` (``part``: the bucket's slice of members)."""
+    output map has rank <= FACTORED_RANK x the data dimension, else ``of_samples(part,
+    samples)`` (``part``: the bucket's slice of members)."""
+    d_out = math.prod(ensemble.data_shape)
     losses = []
     for part, bucket in ensemble.parts():
         rank = bucket.output_rank
@@ -517,7 +519,7 @@ def ensemble_mmd_losses(
             within_kernel_means(x.flatten(2).float(), gammas) if data_term else x.new_zeros(len(x))
         )
     return _bucket_losses(
-        ensemble, z, x[0].numel(),
+        ensemble, z,
         lambda part, fake: minibatch_mmd_loss(fake, x, slot_t[part], gammas, real_terms),
         lambda part, h, u: factored_mmd_loss(h, u, x, slot_t[part], gammas, real_terms),
     )  # fmt: skip
@@ -528,7 +530,7 @@ def ensemble_paired_losses(ensemble: GeneratorEnsemble, z, x) -> torch.Tensor:
     paired row by row; through the output factors (``factored_paired_loss``) where their rank
     is small."""
     return _bucket_losses(
-        ensemble, z, x[0, 0].numel(),
+        ensemble, z,
         lambda part, fake: (fake - x[part]).flatten(2).square().sum(-1).mean(-1),
         lambda part, h, u: factored_paired_loss(h, u, x[part]),
     )  # fmt: skip
